@@ -1,0 +1,68 @@
+"""EngineConfig: every knob of the engine, validated once."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from fastgen_compile.scheduler import POLICIES
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+@dataclass
+class EngineConfig:
+    model: str | None = None  # HF folder or .gguf file; None: the embedded SmolLM2-135M-Instruct
+    dtype: str = "bfloat16"
+    device: str = "cpu"
+    # token counts the forward pass is compiled for; the largest is the SplitFuse token budget
+    buckets: tuple[int, ...] = (32, 128, 256)
+    page_size: int = 64  # KV slots per page, also the attention kv block
+    q_block: int = 16  # query rows per attention block mask row
+    max_seqs: int = 64  # sequences in one forward pass
+    max_model_len: int | None = None  # default: the model's context length
+    kv_pages: int | None = None  # pool size in pages, or
+    kv_bytes: int | None = None  # in bytes, or by default
+    kv_memory_fraction: float = 0.1  # this share of free memory
+    policy: str = "splitfuse"  # or "prefill_first"
+    compile: bool = True  # False: the same model eagerly (debugging, test reference)
+    warmup: bool = True  # compile every bucket at start (else lazily on first use)
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        self.buckets = tuple(sorted(set(self.buckets)))
+        if not self.buckets or self.buckets[0] < 1:
+            raise ValueError(f"buckets must be positive token counts, got {self.buckets}")
+        bad = [b for b in self.buckets if b % self.q_block]
+        if bad:
+            raise ValueError(f"every bucket must be a multiple of q_block={self.q_block}: {bad}")
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
+        if self.page_size < 1 or self.max_seqs < 1:
+            raise ValueError("page_size and max_seqs must be >= 1")
+
+    @property
+    def token_budget(self) -> int:
+        return self.buckets[-1]
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    def num_pages(self, bytes_per_token: int, max_model_len: int) -> int:
+        """Pool size: as set, else a share of free memory, never more than max_seqs full sequences."""
+        if self.kv_pages is not None:
+            return self.kv_pages
+        budget = self.kv_bytes if self.kv_bytes is not None else int(self.kv_memory_fraction * free_memory(self.device))
+        pages = budget // (bytes_per_token * self.page_size)
+        useful = -(-max_model_len // self.page_size) * self.max_seqs + 1
+        return int(min(pages, useful))
+
+
+def free_memory(device: str) -> int:
+    if torch.device(device).type == "cuda":
+        return torch.cuda.mem_get_info(torch.device(device))[0]
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")

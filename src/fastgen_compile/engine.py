@@ -1,0 +1,200 @@
+"""Engine: add_request / step / abort. Wires loader, scheduler, block manager, batch, runner, sampler.
+
+Thread-safe by construction: callers only touch the inbox (new requests, aborts); the
+thread that calls `step` owns all other state.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import time
+from dataclasses import dataclass
+
+import torch
+
+from fastgen_compile.batch import pack, pick_bucket
+from fastgen_compile.block_manager import BlockManager
+from fastgen_compile.config import EngineConfig
+from fastgen_compile.errors import RequestError
+from fastgen_compile.models.loader import load
+from fastgen_compile.progress import progress_bar
+from fastgen_compile.runner import Runner, compiled_graph_count
+from fastgen_compile.sampling import SamplingParams, new_generator, sample
+from fastgen_compile.scheduler import Scheduler, StepPlan
+from fastgen_compile.sequence import RequestOutput, Sequence, Status
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """What one forward pass carried: SplitFuse at work."""
+
+    bucket: int
+    decode_tokens: int
+    prompt_tokens: int
+    num_seqs: int
+    seconds: float
+
+
+class Engine:
+    def __init__(self, config: EngineConfig | None = None, **overrides):
+        self.config = config = config or EngineConfig(**overrides)
+        torch.set_grad_enabled(False)
+        loaded = load(config.model, config.torch_dtype, torch.device(config.device))
+        self.model, self.tokenizer, self.hf_config, self.model_name = loaded.model, loaded.tokenizer, loaded.hf_config, loaded.name
+        context = self.model.args.max_position_embeddings
+        self.max_model_len = min(config.max_model_len or context, context)
+        num_pages = config.num_pages(Runner.kv_bytes_per_token(self.model), self.max_model_len)
+        self.blocks = BlockManager(num_pages, config.page_size)
+        self.scheduler = Scheduler(self.blocks, config.token_budget, config.max_seqs, config.policy)
+        self.runner = Runner(self.model, num_pages, config.page_size, config.q_block, config.token_budget, config.compile)
+        self.eos_token_ids = self._eos_token_ids()
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._ids = itertools.count()
+        self._seqs: dict[int, Sequence] = {}
+        self.step_stats: list[StepStats] = []
+        self.warm = False
+        if config.compile and config.warmup:
+            self.warmup()
+
+    def _eos_token_ids(self) -> frozenset[int]:
+        eos = getattr(self.hf_config, "eos_token_id", None)
+        ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return frozenset(ids)
+
+    # ---- set-up ----------------------------------------------------------------------
+
+    def warmup(self) -> dict[int, float]:
+        """Compile every bucket's forward now (progress shown), then treat a recompile as a bug."""
+        seconds = {}
+        with progress_bar(f"compiling {len(self.config.buckets)} buckets") as bar:
+            task = bar.add_task("warmup", total=len(self.config.buckets))
+            for bucket in self.config.buckets:
+                bar.update(task, description=f"bucket {bucket} tokens")
+                t0 = time.perf_counter()
+                self.runner.forward(pack(StepPlan(), bucket, self.config.page_size, self.config.q_block, self.blocks.num_pages))
+                seconds[bucket] = time.perf_counter() - t0
+                bar.advance(task)
+        self.runner.mark_warm()
+        self.warm = True
+        return seconds
+
+    # ---- requests --------------------------------------------------------------------
+
+    def encode(self, prompt: str) -> list[int]:
+        if not isinstance(prompt, str):
+            raise RequestError(f"a prompt must be a string, got {type(prompt).__name__}")
+        return self.tokenizer.encode(prompt)
+
+    def add_request(self, prompt: str | None = None, params: SamplingParams | None = None, prompt_token_ids: list[int] | None = None) -> int:
+        """Validate and queue a request; returns its id. Raises RequestError on bad input."""
+        params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise RequestError(f"sampling params must be SamplingParams, got {type(params).__name__}")
+        ids = list(prompt_token_ids) if prompt_token_ids is not None else self.encode(prompt)
+        if not ids:
+            raise RequestError("the prompt is empty")
+        vocab = self.model.args.vocab_size
+        if any(not isinstance(t, int) or not 0 <= t < vocab for t in ids):
+            raise RequestError(f"prompt token ids must be integers in [0, {vocab})")
+        total = len(ids) + params.max_new_tokens
+        if total > self.max_model_len:
+            raise RequestError(f"prompt ({len(ids)} tokens) + max_new_tokens ({params.max_new_tokens}) = {total} exceeds the model's context of {self.max_model_len} tokens")
+        if total > self.blocks.capacity_tokens:
+            raise RequestError(f"prompt ({len(ids)} tokens) + max_new_tokens ({params.max_new_tokens}) = {total} exceeds the whole KV pool of {self.blocks.capacity_tokens} tokens")
+        seq = Sequence(next(self._ids), ids, params, new_generator(params.seed), prompt=prompt)
+        self._inbox.put(("add", seq))
+        return seq.seq_id
+
+    def abort(self, request_id: int) -> None:
+        self._inbox.put(("abort", request_id))
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work() or not self._inbox.empty()
+
+    # ---- the step --------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """One forward pass over what the scheduler chose; returns every request's news."""
+        outputs = self._drain_inbox()
+        plan = self.scheduler.schedule()
+        if not plan.chunks:
+            return outputs
+        t0 = time.perf_counter()
+        bucket = pick_bucket(self.config.buckets, plan.num_tokens)
+        batch = pack(plan, bucket, self.config.page_size, self.config.q_block, self.blocks.num_pages)
+        logits = self.runner.forward(batch)
+        self.scheduler.update(plan)
+        sampling = [c.seq for c in plan.chunks if c.samples]
+        tokens = sample(logits, [s.params for s in sampling], [s.generator for s in sampling]) if sampling else []
+        for seq, token in zip(sampling, tokens):
+            outputs.append(self._append_token(seq, token))
+        self.step_stats.append(StepStats(bucket, plan.num_decode_tokens, plan.num_tokens - plan.num_decode_tokens, len(plan.chunks), time.perf_counter() - t0))
+        return outputs
+
+    def _drain_inbox(self) -> list[RequestOutput]:
+        aborted = []
+        while not self._inbox.empty():
+            kind, item = self._inbox.get()
+            if kind == "add":
+                self._seqs[item.seq_id] = item
+                self.scheduler.add(item)
+            elif (seq := self._seqs.pop(item, None)) is not None:
+                self.scheduler.finish(seq, "abort")
+                aborted.append(self._output(seq, "", []))
+        return aborted
+
+    def _append_token(self, seq: Sequence, token: int) -> RequestOutput:
+        seq.output_token_ids.append(token)
+        p = seq.params
+        reason = None
+        if (token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
+            reason = "stop"
+        elif len(seq.output_token_ids) >= p.max_new_tokens or seq.num_tokens >= self.max_model_len:
+            reason = "length"
+        delta = self._detokenize(seq, final=reason is not None)
+        if p.stop and (cut := self._stop_string_end(seq, len(delta))) is not None:
+            delta = delta[: max(0, len(delta) - (len(seq.text) - cut))]
+            seq.text, reason = seq.text[:cut], "stop"
+        if reason is not None:
+            self.scheduler.finish(seq, reason)
+            self._seqs.pop(seq.seq_id, None)
+        return self._output(seq, delta, [token])
+
+    def _detokenize(self, seq: Sequence, final: bool) -> str:
+        """New text since last time; holds back a trailing partial UTF-8 character."""
+        text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True)
+        if text.endswith("\ufffd") and not final:
+            return ""
+        delta, seq.text = text[len(seq.text) :], text
+        return delta
+
+    @staticmethod
+    def _stop_string_end(seq: Sequence, new_chars: int) -> int | None:
+        """Where the text must end if a stop string appeared in the newest characters."""
+        longest = max(len(s) for s in seq.params.stop)
+        window_start = max(0, len(seq.text) - new_chars - longest + 1)
+        hits = [i for s in seq.params.stop if (i := seq.text.find(s, window_start)) >= 0]
+        return min(hits) if hits else None
+
+    def _output(self, seq: Sequence, delta_text: str, delta_ids: list[int]) -> RequestOutput:
+        return RequestOutput(
+            request_id=seq.seq_id,
+            prompt=seq.prompt,
+            prompt_token_ids=seq.prompt_token_ids,
+            text=seq.text,
+            token_ids=list(seq.output_token_ids),
+            delta_text=delta_text,
+            delta_token_ids=delta_ids,
+            finished=seq.status is Status.FINISHED,
+            finish_reason=seq.finish_reason,
+        )
+
+    def recompiles_since_warmup(self) -> int:
+        base = self.runner.graphs_after_warmup
+        return 0 if base is None else compiled_graph_count() - base

@@ -1,0 +1,13 @@
+"""The package's exceptions: every bad input is a ValueError subclass that names the problem."""
+
+
+class FastGenError(ValueError):
+    """Base class for errors fastgen-compile raises on bad input."""
+
+
+class ModelLoadError(FastGenError):
+    """The model path, file or architecture cannot be loaded."""
+
+
+class RequestError(FastGenError):
+    """A request cannot be served as given (prompt, sampling values, length)."""

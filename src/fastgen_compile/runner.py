@@ -1,0 +1,72 @@
+"""Runs one padded bucket through the model: per-bucket compiled layer graph, paged KV pool."""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+
+from fastgen_compile.attention import PagedAttention, paged_attend
+from fastgen_compile.batch import Batch
+from fastgen_compile.models.llama import Llama, decoder_layer, rope_table
+
+log = logging.getLogger(__name__)
+
+
+def compiled_graph_count() -> int:
+    """Graphs dynamo has produced in this process: a rise while serving is a recompile."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
+class Runner:
+    def __init__(self, model: Llama, num_pages: int, page_size: int, q_block: int, max_tokens: int, compile: bool):
+        args = model.args
+        device, dtype = model.embed.device, model.embed.dtype
+        self.model, self.page_size, self.q_block, self.num_pages = model, page_size, q_block, num_pages
+        self.attention = PagedAttention(num_pages, page_size, max_tokens, q_block, device)
+        shape = (1, num_pages * page_size, args.num_kv_heads, args.head_dim)
+        self.k_caches = [torch.zeros(shape, dtype=dtype, device=device) for _ in model.layers]
+        self.v_caches = [torch.zeros(shape, dtype=dtype, device=device) for _ in model.layers]
+        cos, sin = rope_table(args)
+        self.cos, self.sin = cos.to(device), sin.to(device)
+        layer = functools.partial(decoder_layer, args=args, attend=paged_attend)
+        if compile:
+            # one graph per bucket shape, shared by all layers (weights and caches are inputs)
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+            layer = torch.compile(layer, fullgraph=True, dynamic=False)
+        self.layer = layer
+        self.graphs_after_warmup: int | None = None
+
+    @staticmethod
+    def kv_bytes_per_token(model: Llama) -> int:
+        a = model.args
+        return 2 * a.num_layers * a.num_kv_heads * a.head_dim * model.embed.element_size()
+
+    @torch.inference_mode()
+    def forward(self, batch: Batch) -> torch.Tensor:
+        """Logits (fp32) of the sampled rows only."""
+        device = self.cos.device
+        ids = batch.input_ids.to(device, non_blocking=True)
+        positions = batch.positions.to(device, non_blocking=True)
+        slots = batch.slots.to(device, non_blocking=True)
+        self.attention.update(batch.q_seq.to(device), positions, slots, batch.bucket)
+        mask = self.attention.block_mask(batch.kv_num_blocks.to(device), batch.kv_indices.to(device), batch.bucket)
+        pos = positions.long()
+        cos, sin = self.cos[pos].unsqueeze(1), self.sin[pos].unsqueeze(1)
+        x = self.model.embed[ids]
+        for layer, k_cache, v_cache in zip(self.model.layers, self.k_caches, self.v_caches):
+            x = self.layer(x, *layer.weights(), k_cache, v_cache, cos, sin, slots, mask)
+        self._check_recompile()
+        return self.model.logits(x[batch.sample_rows.to(device)])
+
+    def mark_warm(self) -> None:
+        self.graphs_after_warmup = compiled_graph_count()
+
+    def _check_recompile(self) -> None:
+        if self.graphs_after_warmup is not None and compiled_graph_count() != self.graphs_after_warmup:
+            log.warning("recompiled while serving: a shape or guard changed in the hot path (%d graphs, %d after warmup)",
+                        compiled_graph_count(), self.graphs_after_warmup)
+            self.graphs_after_warmup = compiled_graph_count()

@@ -1,0 +1,137 @@
+"""Which tokens run in the next forward pass: Dynamic SplitFuse, or prefill-first for comparison.
+
+SplitFuse: every running decode adds one token, then prompt chunks (partial prefills
+first, then new requests in arrival order) fill what is left of the token budget, so
+each forward pass carries about the same number of tokens. Prefill-first runs prompts
+alone while decodes wait (the behaviour FastGen is compared against).
+Plain Python bookkeeping: no torch.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from fastgen_compile.block_manager import BlockManager
+from fastgen_compile.sequence import Sequence, Status
+
+POLICIES = ("splitfuse", "prefill_first")
+
+
+@dataclass(frozen=True)
+class Chunk:
+    seq: Sequence
+    start: int  # first position computed in this step
+    num_tokens: int
+
+    @property
+    def samples(self) -> bool:
+        """The chunk reaches the sequence's last token, so its output yields a new token."""
+        return self.start + self.num_tokens == self.seq.num_tokens
+
+
+@dataclass
+class StepPlan:
+    chunks: list[Chunk] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.chunks)
+
+    @property
+    def num_decode_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.chunks if c.seq.output_token_ids and c.num_tokens == 1)
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, token_budget: int, max_seqs: int, policy: str = "splitfuse"):
+        if policy not in POLICIES:
+            raise ValueError(f"unknown scheduling policy {policy!r}; choose one of {', '.join(POLICIES)}")
+        self.blocks, self.token_budget, self.max_seqs, self.policy = block_manager, token_budget, max_seqs, policy
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # in admission order; the newest is preempted first
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Finished or aborted: free its pages and forget it."""
+        seq.status, seq.finish_reason = Status.FINISHED, reason
+        self.blocks.release(seq)
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+
+    def schedule(self) -> StepPlan:
+        plan = StepPlan()
+        while True:
+            decodes = [s for s in self.running if s.num_pending == 1]
+            prefills = [s for s in self.running if s.num_pending > 1]
+            if self.policy == "prefill_first" and (prefills or self.waiting):
+                decodes = []
+            for seq in decodes:
+                self._add_decode(seq, plan)
+            self._add_prompt_chunks(prefills, plan)
+            if plan.chunks or not self.running:
+                return plan
+            # every running sequence is stuck on pages: recompute the newest later
+            self._preempt(self.running[-1], plan)
+
+    def _room(self, plan: StepPlan) -> int:
+        if len(plan.chunks) >= self.max_seqs:
+            return 0
+        return self.token_budget - plan.num_tokens
+
+    def _add_decode(self, seq: Sequence, plan: StepPlan) -> None:
+        if seq.status is not Status.RUNNING or self._room(plan) < 1:
+            return
+        while self.blocks.pages_needed(seq, seq.num_tokens) > self.blocks.num_free:
+            scheduled = {c.seq for c in plan.chunks}
+            victims = [s for s in self.running if s not in scheduled]
+            self._preempt(victims[-1], plan)  # seq itself is a candidate, and the last resort
+            if seq.status is not Status.RUNNING:
+                return
+        self._schedule(seq, seq.num_tokens - 1, 1, plan)
+
+    def _add_prompt_chunks(self, prefills: list[Sequence], plan: StepPlan) -> None:
+        for seq in prefills:
+            if seq.status is Status.RUNNING:
+                self._add_prompt_chunk(seq, plan)
+        while self.waiting and self._room(plan) > 0 and not plan.preempted:  # no thrashing
+            seq = self.waiting[0]
+            if not self._add_prompt_chunk(seq, plan):
+                return  # arrival order: nobody overtakes the head of the queue
+            self.waiting.popleft()
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+
+    def _add_prompt_chunk(self, seq: Sequence, plan: StepPlan) -> bool:
+        start = seq.num_computed
+        n = min(seq.num_pending, self._room(plan), self.blocks.tokens_fitting(seq) - start)
+        if n <= 0:
+            return False
+        self._schedule(seq, start, n, plan)
+        return True
+
+    def _schedule(self, seq: Sequence, start: int, n: int, plan: StepPlan) -> None:
+        self.blocks.grow(seq, start + n)
+        plan.chunks.append(Chunk(seq, start, n))
+
+    def _preempt(self, seq: Sequence, plan: StepPlan) -> None:
+        """Free its pages and requeue it at the front: its prompt and output are recomputed."""
+        self.blocks.release(seq)
+        self.running.remove(seq)
+        seq.status, seq.num_computed = Status.WAITING, 0
+        seq.num_preemptions += 1
+        plan.preempted.append(seq)
+        self.waiting.appendleft(seq)
+
+    def update(self, plan: StepPlan) -> None:
+        """The plan's tokens are now in the pool."""
+        for chunk in plan.chunks:
+            chunk.seq.num_computed = chunk.start + chunk.num_tokens
