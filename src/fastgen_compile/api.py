@@ -101,10 +101,8 @@ class LLM:
                     self._work.notify()
 
     def _last(self, rid: int, q: queue.SimpleQueue) -> RequestOutput:
-        out = None
-        for out in self._follow(rid, q):
-            pass
-        return out
+        *_, last = self._follow(rid, q)
+        return last
 
     def _loop(self) -> None:
         while True:

@@ -103,10 +103,11 @@ class Engine:
         if any(not isinstance(t, int) or not 0 <= t < vocab for t in ids):
             raise RequestError(f"prompt token ids must be integers in [0, {vocab})")
         total = len(ids) + params.max_new_tokens
+        need = f"prompt ({len(ids)} tokens) + max_new_tokens ({params.max_new_tokens}) = {total}"
         if total > self.max_model_len:
-            raise RequestError(f"prompt ({len(ids)} tokens) + max_new_tokens ({params.max_new_tokens}) = {total} exceeds the model's context of {self.max_model_len} tokens")
+            raise RequestError(f"{need} exceeds the model's context of {self.max_model_len} tokens")
         if total > self.blocks.capacity_tokens:
-            raise RequestError(f"prompt ({len(ids)} tokens) + max_new_tokens ({params.max_new_tokens}) = {total} exceeds the whole KV pool of {self.blocks.capacity_tokens} tokens")
+            raise RequestError(f"{need} exceeds the whole KV pool of {self.blocks.capacity_tokens} tokens")
         seq = Sequence(next(self._ids), ids, params, new_generator(params.seed), prompt=prompt)
         self._inbox.put(("add", seq))
         return seq.seq_id
