@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from fastgen_compile.config import EngineConfig
 from fastgen_compile.engine import Engine
 from fastgen_compile.sampling import SamplingParams
-from fastgen_compile.sequence import RequestOutput
+from fastgen_compile.sequence import RequestOutput, Sequence
 
 
 class EngineDied(RuntimeError):
@@ -47,12 +47,13 @@ class LLM:
         if isinstance(prompts, str):
             prompts = [prompts]
         kwargs = [{"prompt": p} for p in prompts] if prompts is not None else [{"prompt_token_ids": ids} for ids in prompt_token_ids]
-        listeners = [self._submit(sampling_params, **kw) for kw in kwargs]  # all validated before any waits
+        seqs = [self.engine.new_sequence(params=sampling_params, **kw) for kw in kwargs]  # all valid, or none runs
+        listeners = [self._submit(seq) for seq in seqs]
         return [self._last(rid, q) for rid, q in listeners]
 
     def stream(self, prompt: str, sampling_params: SamplingParams | None = None) -> Iterator[RequestOutput]:
         """Yields one output per new token; closing the iterator early aborts the request."""
-        rid, q = self._submit(sampling_params, prompt=prompt)
+        rid, q = self._submit(self.engine.new_sequence(prompt, sampling_params))
         return self._follow(rid, q)
 
     def chat(self, messages: list[dict[str, str]], sampling_params: SamplingParams | None = None) -> RequestOutput:
@@ -75,13 +76,13 @@ class LLM:
 
     # ---- plumbing --------------------------------------------------------------------
 
-    def _submit(self, sampling_params: SamplingParams | None, **request) -> tuple[int, queue.SimpleQueue]:
+    def _submit(self, seq: Sequence) -> tuple[int, queue.SimpleQueue]:
         if self._closed:
             raise EngineDied("this LLM is closed")
         q: queue.SimpleQueue = queue.SimpleQueue()
         with self._work:
-            rid = self.engine.add_request(params=sampling_params, **request)
-            self._listeners[rid] = q
+            self._listeners[seq.seq_id] = q
+            rid = self.engine.submit(seq)
             self._work.notify()
         return rid, q
 

@@ -40,13 +40,16 @@ class PagedAttention:
         self.slot_seq.index_copy_(0, slots[:n], q_seq)
         self.slot_pos.index_copy_(0, slots[:n], positions[:n])
 
-    def block_mask(self, kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor, n_tokens: int) -> BlockMask:
-        # explicit empty "full" blocks: torch 2.13's CPU lowering fails to compile without them
+    def block_mask(
+        self, kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor, full_num_blocks: torch.Tensor, full_indices: torch.Tensor, n_tokens: int
+    ) -> BlockMask:
+        """Partial pages go through mask_mod; full pages (wholly visible to a one-sequence
+        query block) skip it, which on CPU is most of the cost of attention."""
         return BlockMask.from_kv_blocks(
             kv_num_blocks,
             kv_indices,
-            torch.zeros_like(kv_num_blocks),
-            torch.zeros_like(kv_indices),
+            full_num_blocks,
+            full_indices,
             BLOCK_SIZE=(self.q_block, self.page_size),
             mask_mod=self.mask_mod,
             seq_lengths=(n_tokens, self.num_slots),

@@ -42,7 +42,6 @@ class StepStats:
 class Engine:
     def __init__(self, config: EngineConfig | None = None, **overrides):
         self.config = config = config or EngineConfig(**overrides)
-        torch.set_grad_enabled(False)
         loaded = load(config.model, config.torch_dtype, torch.device(config.device))
         self.model, self.tokenizer, self.hf_config, self.model_name = loaded.model, loaded.tokenizer, loaded.hf_config, loaded.name
         context = self.model.args.max_position_embeddings
@@ -93,6 +92,10 @@ class Engine:
 
     def add_request(self, prompt: str | None = None, params: SamplingParams | None = None, prompt_token_ids: list[int] | None = None) -> int:
         """Validate and queue a request; returns its id. Raises RequestError on bad input."""
+        return self.submit(self.new_sequence(prompt, params, prompt_token_ids))
+
+    def new_sequence(self, prompt: str | None = None, params: SamplingParams | None = None, prompt_token_ids: list[int] | None = None) -> Sequence:
+        """A validated request, not yet queued (so a batch can be checked whole first)."""
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise RequestError(f"sampling params must be SamplingParams, got {type(params).__name__}")
@@ -108,7 +111,9 @@ class Engine:
             raise RequestError(f"{need} exceeds the model's context of {self.max_model_len} tokens")
         if total > self.blocks.capacity_tokens:
             raise RequestError(f"{need} exceeds the whole KV pool of {self.blocks.capacity_tokens} tokens")
-        seq = Sequence(next(self._ids), ids, params, new_generator(params.seed), prompt=prompt)
+        return Sequence(next(self._ids), ids, params, new_generator(params.seed), prompt=prompt)
+
+    def submit(self, seq: Sequence) -> int:
         self._inbox.put(("add", seq))
         return seq.seq_id
 
@@ -127,6 +132,7 @@ class Engine:
         if not plan.chunks:
             return outputs
         t0 = time.perf_counter()
+        decode_tokens = plan.num_decode_tokens
         bucket = pick_bucket(self.config.buckets, plan.num_tokens)
         batch = pack(plan, bucket, self.config.page_size, self.config.q_block, self.blocks.num_pages)
         logits = self.runner.forward(batch)
@@ -135,7 +141,7 @@ class Engine:
         tokens = sample(logits, [s.params for s in sampling], [s.generator for s in sampling]) if sampling else []
         for seq, token in zip(sampling, tokens):
             outputs.append(self._append_token(seq, token))
-        self.step_stats.append(StepStats(bucket, plan.num_decode_tokens, plan.num_tokens - plan.num_decode_tokens, len(plan.chunks), time.perf_counter() - t0))
+        self.step_stats.append(StepStats(bucket, decode_tokens, plan.num_tokens - decode_tokens, len(plan.chunks), time.perf_counter() - t0))
         return outputs
 
     def _drain_inbox(self) -> list[RequestOutput]:

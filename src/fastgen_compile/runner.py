@@ -53,7 +53,9 @@ class Runner:
         positions = batch.positions.to(device, non_blocking=True)
         slots = batch.slots.to(device, non_blocking=True)
         self.attention.update(batch.q_seq.to(device), positions, slots, batch.bucket)
-        mask = self.attention.block_mask(batch.kv_num_blocks.to(device), batch.kv_indices.to(device), batch.bucket)
+        mask = self.attention.block_mask(
+            *(t.to(device) for t in (batch.kv_num_blocks, batch.kv_indices, batch.full_num_blocks, batch.full_indices)), batch.bucket
+        )
         pos = positions.long()
         cos, sin = self.cos[pos].unsqueeze(1), self.sin[pos].unsqueeze(1)
         x = self.model.embed[ids]

@@ -9,6 +9,7 @@ Plain Python bookkeeping: no torch.
 
 from __future__ import annotations
 
+import itertools
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -23,6 +24,7 @@ class Chunk:
     seq: Sequence
     start: int  # first position computed in this step
     num_tokens: int
+    is_decode: bool = False
 
     @property
     def samples(self) -> bool:
@@ -41,7 +43,7 @@ class StepPlan:
 
     @property
     def num_decode_tokens(self) -> int:
-        return sum(c.num_tokens for c in self.chunks if c.seq.output_token_ids and c.num_tokens == 1)
+        return sum(c.num_tokens for c in self.chunks if c.is_decode)
 
 
 class Scheduler:
@@ -51,6 +53,8 @@ class Scheduler:
         self.blocks, self.token_budget, self.max_seqs, self.policy = block_manager, token_budget, max_seqs, policy
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order; the newest is preempted first
+        # a new id per admission: slots written before a preemption never match the recompute
+        self._kv_ids = itertools.count()
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -70,13 +74,17 @@ class Scheduler:
     def schedule(self) -> StepPlan:
         plan = StepPlan()
         while True:
-            decodes = [s for s in self.running if s.num_pending == 1]
-            prefills = [s for s in self.running if s.num_pending > 1]
-            if self.policy == "prefill_first" and (prefills or self.waiting):
-                decodes = []
-            for seq in decodes:
-                self._add_decode(seq, plan)
-            self._add_prompt_chunks(prefills, plan)
+            decodes = [s for s in self.running if s.num_pending == 1 and s.output_token_ids]
+            prefills = [s for s in self.running if s not in decodes]
+            if self.policy == "prefill_first":
+                self._add_prompt_chunks(prefills, plan)  # decodes only run when no prompt can
+                if not plan.chunks:
+                    for seq in decodes:
+                        self._add_decode(seq, plan)
+            else:
+                for seq in decodes:
+                    self._add_decode(seq, plan)
+                self._add_prompt_chunks(prefills, plan)
             if plan.chunks or not self.running:
                 return plan
             # every running sequence is stuck on pages: recompute the newest later
@@ -96,7 +104,7 @@ class Scheduler:
             self._preempt(victims[-1], plan)  # seq itself is a candidate, and the last resort
             if seq.status is not Status.RUNNING:
                 return
-        self._schedule(seq, seq.num_tokens - 1, 1, plan)
+        self._schedule(seq, seq.num_tokens - 1, 1, plan, is_decode=True)
 
     def _add_prompt_chunks(self, prefills: list[Sequence], plan: StepPlan) -> None:
         for seq in prefills:
@@ -107,7 +115,7 @@ class Scheduler:
             if not self._add_prompt_chunk(seq, plan):
                 return  # arrival order: nobody overtakes the head of the queue
             self.waiting.popleft()
-            seq.status = Status.RUNNING
+            seq.status, seq.kv_id = Status.RUNNING, next(self._kv_ids)
             self.running.append(seq)
 
     def _add_prompt_chunk(self, seq: Sequence, plan: StepPlan) -> bool:
@@ -118,9 +126,9 @@ class Scheduler:
         self._schedule(seq, start, n, plan)
         return True
 
-    def _schedule(self, seq: Sequence, start: int, n: int, plan: StepPlan) -> None:
+    def _schedule(self, seq: Sequence, start: int, n: int, plan: StepPlan, is_decode: bool = False) -> None:
         self.blocks.grow(seq, start + n)
-        plan.chunks.append(Chunk(seq, start, n))
+        plan.chunks.append(Chunk(seq, start, n, is_decode))
 
     def _preempt(self, seq: Sequence, plan: StepPlan) -> None:
         """Free its pages and requeue it at the front: its prompt and output are recomputed."""

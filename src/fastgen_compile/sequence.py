@@ -28,6 +28,7 @@ class Sequence:
     output_token_ids: list[int] = field(default_factory=list)
     num_computed: int = 0  # leading tokens whose keys/values are in the pool
     block_table: list[int] = field(default_factory=list)
+    kv_id: int = -1  # owner tag of the KV slots it writes, new at every admission
     status: Status = Status.WAITING
     finish_reason: str | None = None
     text: str = ""  # detokenized output, cut before any stop string

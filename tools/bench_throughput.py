@@ -1,0 +1,118 @@
+"""Offline throughput: transformers' continuous batching vs fastgen-compile, same model,
+dtype and workload, in one run. Prints a table and writes JSON.
+
+    .venv/bin/python tools/bench_throughput.py [--requests 32] [--min-prompt 64] [--max-prompt 512] [--new-tokens 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import sys
+import time
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+sys.path.insert(0, os.path.dirname(__file__))
+from workload import prompts_of_lengths  # noqa: E402
+
+from fastgen_compile import LLM, SamplingParams  # noqa: E402
+from fastgen_compile.models.loader import embedded_model_path  # noqa: E402
+
+
+def run_fastgen(prompts: list[list[int]], new_tokens: int, args) -> dict:
+    t0 = time.perf_counter()
+    llm = LLM(args.model, dtype=args.dtype, buckets=tuple(args.buckets), page_size=args.page_size, q_block=args.q_block)
+    ready = time.perf_counter() - t0
+    params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    llm.generate(prompt_token_ids=prompts[:2], sampling_params=SamplingParams(max_new_tokens=2, temperature=0.0))  # warm caches
+    llm.engine.step_stats.clear()
+    t0 = time.perf_counter()
+    outs = llm.generate(prompt_token_ids=prompts, sampling_params=params)
+    seconds = time.perf_counter() - t0
+    stats = llm.engine.step_stats
+    llm.close()
+    return {
+        "seconds": seconds,
+        "output_tokens": sum(len(o.token_ids) for o in outs),
+        "ready_seconds": ready,
+        "steps": len(stats),
+        "mean_tokens_per_step": sum(s.decode_tokens + s.prompt_tokens for s in stats) / max(1, len(stats)),
+        "mixed_steps": sum(1 for s in stats if s.decode_tokens and s.prompt_tokens),
+        "bucket_use": {b: sum(1 for s in stats if s.bucket == b) for b in sorted({s.bucket for s in stats})},
+    }
+
+
+def run_transformers(prompts: list[list[int]], new_tokens: int, args) -> dict:
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    path = args.model or embedded_model_path()
+    kwargs = {"gguf_file": os.path.basename(path)} if path.endswith(".gguf") else {}
+    folder = os.path.dirname(path) if kwargs else path
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, args.dtype), **kwargs).eval()
+    config = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, eos_token_id=model.config.eos_token_id,
+                              pad_token_id=model.config.eos_token_id)
+    with torch.inference_mode():
+        model.generate_batch(inputs=prompts[:2], generation_config=GenerationConfig(max_new_tokens=2, do_sample=False))  # warm
+        t0 = time.perf_counter()
+        outs = model.generate_batch(inputs=prompts, generation_config=config)
+        seconds = time.perf_counter() - t0
+    return {"seconds": seconds, "output_tokens": sum(len(o.generated_tokens) for o in outs.values())}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="HF folder or .gguf (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--requests", type=int, default=32)
+    p.add_argument("--min-prompt", type=int, default=64)
+    p.add_argument("--max-prompt", type=int, default=512)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--buckets", type=int, nargs="+", default=[32, 128, 256])
+    p.add_argument("--page-size", type=int, default=64)
+    p.add_argument("--q-block", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--skip-transformers", action="store_true")
+    p.add_argument("--out", default="bench_results/throughput.json")
+    args = p.parse_args()
+
+    rng = random.Random(args.seed)
+    lengths = [rng.randint(args.min_prompt, args.max_prompt) for _ in range(args.requests)]
+    from transformers import AutoTokenizer
+
+    path = args.model or embedded_model_path()
+    tok = AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path)) if path.endswith(".gguf") else AutoTokenizer.from_pretrained(path)
+    prompts = prompts_of_lengths(tok, lengths, args.seed)
+
+    results = {"fastgen": run_fastgen(prompts, args.new_tokens, args)}
+    if not args.skip_transformers:
+        results["transformers CB"] = run_transformers(prompts, args.new_tokens, args)
+    prompt_tokens = sum(lengths)
+    base = results.get("transformers CB")
+    table = Table(title=f"{args.requests} requests, prompts {args.min_prompt}..{args.max_prompt} tokens, {args.new_tokens} new, {args.dtype}, greedy")
+    for col in ("system", "seconds", "requests/s", "output tok/s", "total tok/s", "x transformers"):
+        table.add_column(col, justify="right")
+    for r in results.values():
+        r["requests_per_s"] = args.requests / r["seconds"]
+        r["output_tok_per_s"] = r["output_tokens"] / r["seconds"]
+        r["total_tok_per_s"] = (r["output_tokens"] + prompt_tokens) / r["seconds"]
+    for name, r in results.items():
+        ratio = r["output_tok_per_s"] / base["output_tok_per_s"] if base else float("nan")
+        r["ratio_vs_transformers"] = ratio
+        table.add_row(name, f"{r['seconds']:.1f}", f"{r['requests_per_s']:.2f}", f"{r['output_tok_per_s']:.1f}", f"{r['total_tok_per_s']:.1f}", f"{ratio:.2f}")
+    Console().print(table)
+    settings = vars(args) | {"prompt_tokens": prompt_tokens, "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
+                             "cpus": os.cpu_count()}
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump({"settings": settings, "results": results}, f, indent=2)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
