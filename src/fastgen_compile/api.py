@@ -12,6 +12,7 @@ from collections.abc import Iterator
 
 from fastgen_compile.config import EngineConfig
 from fastgen_compile.engine import Engine
+from fastgen_compile.errors import RequestError
 from fastgen_compile.sampling import SamplingParams
 from fastgen_compile.sequence import RequestOutput, Sequence
 
@@ -41,9 +42,9 @@ class LLM:
     ) -> list[RequestOutput]:
         """All prompts go to the engine at once (continuous batching); outputs in prompt order."""
         if prompts is not None and prompt_token_ids is not None:
-            raise ValueError("give prompts or prompt_token_ids, not both")
+            raise RequestError("give prompts or prompt_token_ids, not both")
         if prompts is None and prompt_token_ids is None:
-            raise ValueError("give prompts or prompt_token_ids")
+            raise RequestError("give prompts or prompt_token_ids")
         if isinstance(prompts, str):
             prompts = [prompts]
         kwargs = [{"prompt": p} for p in prompts] if prompts is not None else [{"prompt_token_ids": ids} for ids in prompt_token_ids]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import deque
 
+from fastgen_compile.errors import ConfigError
 from fastgen_compile.sequence import Sequence
 
 SCRATCH_PAGES = 1  # page 0 takes the padding tokens' writes
@@ -12,7 +13,7 @@ SCRATCH_PAGES = 1  # page 0 takes the padding tokens' writes
 class BlockManager:
     def __init__(self, num_pages: int, page_size: int):
         if num_pages <= SCRATCH_PAGES:
-            raise ValueError(f"the KV pool needs more than {SCRATCH_PAGES} page, got {num_pages}")
+            raise ConfigError(f"the KV pool needs more than {SCRATCH_PAGES} page, got {num_pages} (raise kv_pages / kv_bytes)")
         self.num_pages, self.page_size = num_pages, page_size
         self.free_pages: deque[int] = deque(range(SCRATCH_PAGES, num_pages))
 

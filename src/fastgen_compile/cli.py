@@ -8,6 +8,7 @@ import time
 from collections import Counter
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from fastgen_compile.api import LLM
@@ -59,11 +60,11 @@ def chat(llm: LLM, text: str) -> str:
 
 def clip(text: str, width: int) -> str:
     text = " ".join(text.split())
-    return text if len(text) <= width else text[: width - 1] + "…"
+    return escape(text if len(text) <= width else text[: width - 1] + "…")
 
 
 def open_llm(args: argparse.Namespace) -> LLM:
-    err.print(f"[dim]loading {args.model or 'the embedded SmolLM2-135M-Instruct'} ({args.dtype})…[/]")
+    err.print(f"[dim]loading {escape(args.model or 'the embedded SmolLM2-135M-Instruct')} ({args.dtype})…[/]")
     return LLM(args.model, dtype=args.dtype)
 
 
@@ -83,8 +84,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     err.rule("[bold]fastgen-compile demo")
     t0 = time.perf_counter()
     with open_llm(args) as llm:
-        cfg = llm.engine.config
-        err.print(f"loaded [bold]{llm.engine.model_name}[/] ({cfg.dtype}, {cfg.device}), buckets {cfg.buckets}, ready in {time.perf_counter() - t0:.1f} s")
+        cfg, name = llm.engine.config, escape(llm.engine.model_name)
+        err.print(f"loaded [bold]{name}[/] ({cfg.dtype}, {cfg.device}), buckets {cfg.buckets}, ready in {time.perf_counter() - t0:.1f} s")
 
         err.rule("one request, streamed")
         out.print(f"[bold]> {DEMO_QUESTION}[/]")

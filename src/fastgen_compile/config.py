@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fastgen_compile.errors import ConfigError
 from fastgen_compile.scheduler import POLICIES
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -32,17 +33,17 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+            raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         self.buckets = tuple(sorted(set(self.buckets)))
         if not self.buckets or self.buckets[0] < 1:
-            raise ValueError(f"buckets must be positive token counts, got {self.buckets}")
+            raise ConfigError(f"buckets must be positive token counts, got {self.buckets}")
         bad = [b for b in self.buckets if b % self.q_block]
         if bad:
-            raise ValueError(f"every bucket must be a multiple of q_block={self.q_block}: {bad}")
+            raise ConfigError(f"every bucket must be a multiple of q_block={self.q_block}: {bad}")
         if self.policy not in POLICIES:
-            raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
+            raise ConfigError(f"policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
         if self.page_size < 1 or self.max_seqs < 1:
-            raise ValueError("page_size and max_seqs must be >= 1")
+            raise ConfigError("page_size and max_seqs must be >= 1")
 
     @property
     def token_budget(self) -> int:

@@ -11,3 +11,7 @@ class ModelLoadError(FastGenError):
 
 class RequestError(FastGenError):
     """A request cannot be served as given (prompt, sampling values, length)."""
+
+
+class ConfigError(FastGenError):
+    """An engine setting is out of range or inconsistent."""

@@ -14,6 +14,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from fastgen_compile.block_manager import BlockManager
+from fastgen_compile.errors import ConfigError
 from fastgen_compile.sequence import Sequence, Status
 
 POLICIES = ("splitfuse", "prefill_first")
@@ -49,7 +50,7 @@ class StepPlan:
 class Scheduler:
     def __init__(self, block_manager: BlockManager, token_budget: int, max_seqs: int, policy: str = "splitfuse"):
         if policy not in POLICIES:
-            raise ValueError(f"unknown scheduling policy {policy!r}; choose one of {', '.join(POLICIES)}")
+            raise ConfigError(f"unknown scheduling policy {policy!r}; choose one of {', '.join(POLICIES)}")
         self.blocks, self.token_budget, self.max_seqs, self.policy = block_manager, token_budget, max_seqs, policy
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order; the newest is preempted first

