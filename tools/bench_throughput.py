@@ -19,15 +19,14 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, os.path.dirname(__file__))
-from workload import prompts_of_lengths  # noqa: E402
-
 from fastgen_compile import LLM, SamplingParams  # noqa: E402
 from fastgen_compile.models.loader import embedded_model_path  # noqa: E402
+from workload import engine_overrides, prompts_of_lengths  # noqa: E402
 
 
 def run_fastgen(prompts: list[list[int]], new_tokens: int, args) -> dict:
     t0 = time.perf_counter()
-    llm = LLM(args.model, dtype=args.dtype, buckets=tuple(args.buckets), page_size=args.page_size, q_block=args.q_block)
+    llm = LLM(args.model, dtype=args.dtype, **engine_overrides(args))
     ready = time.perf_counter() - t0
     params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0, ignore_eos=True)
     llm.generate(prompt_token_ids=prompts[:2], sampling_params=SamplingParams(max_new_tokens=2, temperature=0.0))  # warm caches
@@ -73,9 +72,10 @@ def main() -> None:
     p.add_argument("--min-prompt", type=int, default=64)
     p.add_argument("--max-prompt", type=int, default=512)
     p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--buckets", type=int, nargs="+", default=[32, 128, 256])
-    p.add_argument("--page-size", type=int, default=64)
-    p.add_argument("--q-block", type=int, default=16)
+    p.add_argument("--buckets", type=int, nargs="+", help="default: EngineConfig's")
+    p.add_argument("--page-size", type=int)
+    p.add_argument("--q-block", type=int)
+    p.add_argument("--kv-dtype")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-transformers", action="store_true")
     p.add_argument("--out", default="bench_results/throughput.json")
@@ -86,7 +86,8 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     path = args.model or embedded_model_path()
-    tok = AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path)) if path.endswith(".gguf") else AutoTokenizer.from_pretrained(path)
+    gguf = {"gguf_file": os.path.basename(path)} if path.endswith(".gguf") else {}
+    tok = AutoTokenizer.from_pretrained(os.path.dirname(path) if gguf else path, **gguf)
     prompts = prompts_of_lengths(tok, lengths, args.seed)
 
     results = {"fastgen": run_fastgen(prompts, args.new_tokens, args)}

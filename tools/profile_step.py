@@ -10,27 +10,26 @@ import os
 import sys
 import time
 
-import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(__file__))
-from workload import prompts_of_lengths  # noqa: E402
-
 from fastgen_compile.engine import Engine  # noqa: E402
 from fastgen_compile.sampling import SamplingParams  # noqa: E402
+from workload import engine_overrides, prompts_of_lengths  # noqa: E402
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--seqs", type=int, default=32)
     p.add_argument("--prompt", type=int, default=256)
-    p.add_argument("--buckets", type=int, nargs="+", default=[32, 128, 256])
-    p.add_argument("--page-size", type=int, default=64)
-    p.add_argument("--q-block", type=int, default=16)
+    p.add_argument("--buckets", type=int, nargs="+", help="default: EngineConfig's")
+    p.add_argument("--page-size", type=int)
+    p.add_argument("--q-block", type=int)
+    p.add_argument("--kv-dtype")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--rows", type=int, default=15)
     args = p.parse_args()
-    engine = Engine(buckets=tuple(args.buckets), page_size=args.page_size, q_block=args.q_block)
+    engine = Engine(**engine_overrides(args))
     params = SamplingParams(max_new_tokens=10_000 // 8, temperature=0.0, ignore_eos=True)
     for ids in prompts_of_lengths(engine.tokenizer, [args.prompt] * args.seqs):
         engine.add_request(prompt_token_ids=ids, params=params)

@@ -36,3 +36,9 @@ def prompts_of_lengths(tokenizer, lengths: list[int], seed: int = 0) -> list[lis
         start = rng.randrange(0, len(ids) - n + 1)
         out.append(ids[start : start + n])
     return out
+
+
+def engine_overrides(args) -> dict:
+    """The engine knobs a benchmark's flags set; the rest keep EngineConfig's defaults."""
+    knobs = {"buckets": args.buckets and tuple(args.buckets), "page_size": args.page_size, "q_block": args.q_block, "kv_dtype": args.kv_dtype}
+    return {k: v for k, v in knobs.items() if v is not None}

@@ -53,9 +53,9 @@ class LLM:
         return [self._last(rid, q) for rid, q in listeners]
 
     def stream(self, prompt: str, sampling_params: SamplingParams | None = None) -> Iterator[RequestOutput]:
-        """Yields one output per new token; closing the iterator early aborts the request."""
+        """Yields one output per new token; closing or dropping it early aborts the request."""
         rid, q = self._submit(self.engine.new_sequence(prompt, sampling_params))
-        return self._follow(rid, q)
+        return RequestStream(self, rid, self._follow(rid, q))
 
     def chat(self, messages: list[dict[str, str]], sampling_params: SamplingParams | None = None) -> RequestOutput:
         return self.generate([self.apply_chat_template(messages)], sampling_params)[0]
@@ -98,9 +98,13 @@ class LLM:
                 yield out
         finally:
             if not finished:
-                self.engine.abort(rid)
-                with self._work:
-                    self._work.notify()
+                self._abort(rid)
+
+    def _abort(self, rid: int) -> None:
+        self.engine.abort(rid)
+        with self._work:
+            self._listeners.pop(rid, None)
+            self._work.notify()
 
     def _last(self, rid: int, q: queue.SimpleQueue) -> RequestOutput:
         *_, last = self._follow(rid, q)
@@ -127,6 +131,30 @@ class LLM:
                         q.put(out)
                         if out.finished:
                             del self._listeners[out.request_id]
+
+
+class RequestStream:
+    """A request's outputs as an iterator; close() aborts it, even before the first token."""
+
+    def __init__(self, llm: LLM, request_id: int, outputs: Iterator[RequestOutput]):
+        self.llm, self.request_id, self._outputs, self._done = llm, request_id, outputs, False
+
+    def __iter__(self) -> RequestStream:
+        return self
+
+    def __next__(self) -> RequestOutput:
+        out = next(self._outputs)
+        self._done = out.finished
+        return out
+
+    def close(self) -> None:
+        self._outputs.close()
+        if not self._done:
+            self.llm._abort(self.request_id)
+            self._done = True
+
+    def __del__(self) -> None:
+        self.close()
 
 
 class Pipeline:

@@ -20,7 +20,7 @@ from fastgen_compile.config import EngineConfig
 from fastgen_compile.errors import RequestError
 from fastgen_compile.models.loader import load
 from fastgen_compile.progress import progress_bar
-from fastgen_compile.runner import Runner, compiled_graph_count
+from fastgen_compile.runner import Runner
 from fastgen_compile.sampling import SamplingParams, new_generator, sample
 from fastgen_compile.scheduler import Scheduler, StepPlan
 from fastgen_compile.sequence import RequestOutput, Sequence, Status
@@ -46,10 +46,10 @@ class Engine:
         self.model, self.tokenizer, self.hf_config, self.model_name = loaded.model, loaded.tokenizer, loaded.hf_config, loaded.name
         context = self.model.args.max_position_embeddings
         self.max_model_len = min(config.max_model_len or context, context)
-        num_pages = config.num_pages(Runner.kv_bytes_per_token(self.model), self.max_model_len)
+        num_pages = config.num_pages(Runner.kv_bytes_per_token(self.model, config.torch_kv_dtype), self.max_model_len)
         self.blocks = BlockManager(num_pages, config.page_size)
         self.scheduler = Scheduler(self.blocks, config.token_budget, config.max_seqs, config.policy)
-        self.runner = Runner(self.model, num_pages, config.page_size, config.q_block, config.token_budget, config.compile)
+        self.runner = Runner(self.model, num_pages, config.page_size, config.q_block, config.token_budget, config.torch_kv_dtype, config.compile)
         self.eos_token_ids = self._eos_token_ids()
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._ids = itertools.count()
@@ -164,29 +164,28 @@ class Engine:
             reason = "stop"
         elif len(seq.output_token_ids) >= p.max_new_tokens or seq.num_tokens >= self.max_model_len:
             reason = "length"
-        delta = self._detokenize(seq, final=reason is not None)
-        if p.stop and (cut := self._stop_string_end(seq, len(delta))) is not None:
-            delta = delta[: max(0, len(delta) - (len(seq.text) - cut))]
+        self._detokenize(seq, final=reason is not None)
+        if p.stop and (cut := self._stop_string_start(seq)) is not None:
             seq.text, reason = seq.text[:cut], "stop"
+        # until the end, hold back what could still become the start of a stop string
+        hold = 0 if reason or not p.stop else max(map(len, p.stop)) - 1
+        emit_to = max(seq.num_emitted, len(seq.text) - hold)
+        delta, seq.num_emitted = seq.text[seq.num_emitted : emit_to], emit_to
         if reason is not None:
             self.scheduler.finish(seq, reason)
             self._seqs.pop(seq.seq_id, None)
         return self._output(seq, delta, [token])
 
-    def _detokenize(self, seq: Sequence, final: bool) -> str:
-        """New text since last time; holds back a trailing partial UTF-8 character."""
+    def _detokenize(self, seq: Sequence, final: bool) -> None:
+        """Refresh seq.text, except while it ends in a partial UTF-8 character."""
         text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True)
-        if text.endswith("\ufffd") and not final:
-            return ""
-        delta, seq.text = text[len(seq.text) :], text
-        return delta
+        if final or not text.endswith("\ufffd"):
+            seq.text = text
 
     @staticmethod
-    def _stop_string_end(seq: Sequence, new_chars: int) -> int | None:
-        """Where the text must end if a stop string appeared in the newest characters."""
-        longest = max(len(s) for s in seq.params.stop)
-        window_start = max(0, len(seq.text) - new_chars - longest + 1)
-        hits = [i for s in seq.params.stop if (i := seq.text.find(s, window_start)) >= 0]
+    def _stop_string_start(seq: Sequence) -> int | None:
+        """Where the earliest stop string starts; the emitted text holds none (see hold)."""
+        hits = [i for s in seq.params.stop if (i := seq.text.find(s, seq.num_emitted)) >= 0]
         return min(hits) if hits else None
 
     def _output(self, seq: Sequence, delta_text: str, delta_ids: list[int]) -> RequestOutput:
@@ -194,7 +193,7 @@ class Engine:
             request_id=seq.seq_id,
             prompt=seq.prompt,
             prompt_token_ids=seq.prompt_token_ids,
-            text=seq.text,
+            text=seq.text[: seq.num_emitted],
             token_ids=list(seq.output_token_ids),
             delta_text=delta_text,
             delta_token_ids=delta_ids,
@@ -203,5 +202,4 @@ class Engine:
         )
 
     def recompiles_since_warmup(self) -> int:
-        base = self.runner.graphs_after_warmup
-        return 0 if base is None else compiled_graph_count() - base
+        return self.runner.recompiles_since_warmup()

@@ -14,36 +14,37 @@ from fastgen_compile.models.llama import Llama, decoder_layer, rope_table
 log = logging.getLogger(__name__)
 
 
-def compiled_graph_count() -> int:
-    """Graphs dynamo has produced in this process: a rise while serving is a recompile."""
-    from torch._dynamo.utils import counters
-
-    return counters["stats"]["unique_graphs"]
-
-
 class Runner:
-    def __init__(self, model: Llama, num_pages: int, page_size: int, q_block: int, max_tokens: int, compile: bool):
+    def __init__(self, model: Llama, num_pages: int, page_size: int, q_block: int, max_tokens: int, kv_dtype: torch.dtype, compile: bool):
         args = model.args
-        device, dtype = model.embed.device, model.embed.dtype
+        device = model.embed.device
         self.model, self.page_size, self.q_block, self.num_pages = model, page_size, q_block, num_pages
         self.attention = PagedAttention(num_pages, page_size, max_tokens, q_block, device)
         shape = (1, num_pages * page_size, args.num_kv_heads, args.head_dim)
-        self.k_caches = [torch.zeros(shape, dtype=dtype, device=device) for _ in model.layers]
-        self.v_caches = [torch.zeros(shape, dtype=dtype, device=device) for _ in model.layers]
+        self.k_caches = [torch.zeros(shape, dtype=kv_dtype, device=device) for _ in model.layers]
+        self.v_caches = [torch.zeros(shape, dtype=kv_dtype, device=device) for _ in model.layers]
         cos, sin = rope_table(args)
         self.cos, self.sin = cos.to(device), sin.to(device)
         layer = functools.partial(decoder_layer, args=args, attend=paged_attend)
         if compile:
             # one graph per bucket shape, shared by all layers (weights and caches are inputs)
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-            layer = torch.compile(layer, fullgraph=True, dynamic=False)
+            layer = torch.compile(layer, fullgraph=True, dynamic=False, backend=self._inductor_counting_graphs)
         self.layer = layer
+        self.graphs_compiled = 0  # by this runner: other torch.compile users in the process don't count
         self.graphs_after_warmup: int | None = None
+        self._graphs_warned = 0
+
+    def _inductor_counting_graphs(self, gm: torch.fx.GraphModule, example_inputs):
+        from torch._inductor.compile_fx import compile_fx
+
+        self.graphs_compiled += 1
+        return compile_fx(gm, example_inputs)
 
     @staticmethod
-    def kv_bytes_per_token(model: Llama) -> int:
+    def kv_bytes_per_token(model: Llama, kv_dtype: torch.dtype) -> int:
         a = model.args
-        return 2 * a.num_layers * a.num_kv_heads * a.head_dim * model.embed.element_size()
+        return 2 * a.num_layers * a.num_kv_heads * a.head_dim * kv_dtype.itemsize
 
     @torch.inference_mode()
     def forward(self, batch: Batch) -> torch.Tensor:
@@ -65,10 +66,13 @@ class Runner:
         return self.model.logits(x[batch.sample_rows.to(device)])
 
     def mark_warm(self) -> None:
-        self.graphs_after_warmup = compiled_graph_count()
+        self.graphs_after_warmup = self._graphs_warned = self.graphs_compiled
+
+    def recompiles_since_warmup(self) -> int:
+        return 0 if self.graphs_after_warmup is None else self.graphs_compiled - self.graphs_after_warmup
 
     def _check_recompile(self) -> None:
-        if self.graphs_after_warmup is not None and compiled_graph_count() != self.graphs_after_warmup:
-            log.warning("recompiled while serving: a shape or guard changed in the hot path (%d graphs, %d after warmup)",
-                        compiled_graph_count(), self.graphs_after_warmup)
-            self.graphs_after_warmup = compiled_graph_count()
+        if self.graphs_after_warmup is not None and self.graphs_compiled != self._graphs_warned:
+            self._graphs_warned = self.graphs_compiled
+            log.warning("recompiled while serving (%d graphs since warmup): a shape or guard changed in the hot path; "
+                        "run with TORCH_LOGS=recompiles to see which guard failed", self.recompiles_since_warmup())

@@ -32,6 +32,7 @@ class Sequence:
     status: Status = Status.WAITING
     finish_reason: str | None = None
     text: str = ""  # detokenized output, cut before any stop string
+    num_emitted: int = 0  # characters of text already handed to the caller
     num_preemptions: int = 0
 
     @property
