@@ -28,7 +28,9 @@ pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without to
 VOCAB, CONTEXT = 512, 128
 PAGE_SIZE, KV_PAGES = 8, 12  # one scratch page: the pool holds (12 - 1) * 8 = 88 tokens, below the context
 POOL_TOKENS = (KV_PAGES - 1) * PAGE_SIZE
-LLM_KW = {"dtype": "float32", "compile": False, "buckets": (16, 32), "page_size": PAGE_SIZE, "q_block": 16, "kv_pages": KV_PAGES, "max_seqs": 4}
+LLM_KW = {
+    "dtype": "float32", "compile": False, "buckets": (16, 32), "decode_rows": 0, "page_size": PAGE_SIZE, "q_block": 16, "kv_pages": KV_PAGES, "max_seqs": 4,
+}
 VALID_PROMPT = "w5 w6 w7 w8"
 VALID_NEW_TOKENS = 24
 VALID_PARAMS = SamplingParams(max_new_tokens=VALID_NEW_TOKENS, temperature=0, ignore_eos=True)

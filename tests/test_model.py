@@ -23,7 +23,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from fastgen_compile.batch import pack, pick_bucket
+from fastgen_compile.batch import pick_bucket
 from fastgen_compile.engine import Engine
 from fastgen_compile.sampling import SamplingParams, new_generator
 from fastgen_compile.sequence import Sequence
@@ -38,7 +38,8 @@ VARIANTS = {
     "tied-llama3-rope": {"tie_word_embeddings": True, "rope_scaling": LLAMA3_ROPE},
     "untied-linear-rope": {"tie_word_embeddings": False, "rope_scaling": {"rope_type": "linear", "factor": 2.0}},
 }
-ENGINE_KW = {"dtype": "float32", "compile": False, "buckets": (16, 32), "page_size": 8, "q_block": 16, "kv_pages": 32, "max_seqs": 4}
+# decode_rows=0: decodes share the prompt rows (conftest's engines cover a separate decode region)
+ENGINE_KW = {"dtype": "float32", "compile": False, "buckets": (16, 32), "decode_rows": 0, "page_size": 8, "q_block": 16, "kv_pages": 32, "max_seqs": 4}
 
 _seq_ids = itertools.count(10_000)  # unique per process, so engines shared between tests never see an id twice
 
@@ -123,12 +124,13 @@ def drive(engine: Engine, requests: list[Request], max_steps: int = 500) -> list
         if not plan.chunks:
             log.append(StepLog([], len(plan.preempted)))
             continue
-        batch = pack(plan, pick_bucket(cfg.buckets, plan.num_tokens), cfg.page_size, cfg.q_block, engine.blocks.num_pages)
+        batch = engine.pack(plan, pick_bucket(cfg.buckets, cfg.decode_rows, plan))
         # the engine samples the last row of each chunk that reaches its sequence's end
-        ends = list(itertools.accumulate(c.num_tokens for c in plan.chunks))
-        assert batch.sample_rows.tolist() == [end - 1 for c, end in zip(plan.chunks, ends) if c.samples]
-        assert batch.num_tokens == plan.num_tokens and batch.bucket >= plan.num_tokens
-        logits = engine.runner.forward(dataclasses.replace(batch, sample_rows=torch.arange(batch.num_tokens)))
+        assert batch.sample_rows.tolist() == [row + c.num_tokens - 1 for c, row in zip(plan.chunks, batch.chunk_rows) if c.samples]
+        assert batch.bucket >= plan.num_tokens
+        real_rows = torch.tensor([row + i for c, row in zip(plan.chunks, batch.chunk_rows) for i in range(c.num_tokens)])
+        assert len(set(real_rows.tolist())) == plan.num_tokens and int(real_rows.max()) < batch.bucket
+        logits = engine.runner.forward(dataclasses.replace(batch, sample_rows=real_rows))
         assert logits.shape == (plan.num_tokens, VOCAB) and logits.dtype == torch.float32
         engine.scheduler.update(plan)
         samplers = [c.seq for c in plan.chunks if c.samples]

@@ -8,7 +8,6 @@ from concurrent.futures import ThreadPoolExecutor
 from torch._dynamo.utils import counters
 
 from fastgen_compile import SamplingParams
-from fastgen_compile.batch import pack
 from fastgen_compile.scheduler import StepPlan
 
 SENTENCES = [
@@ -79,7 +78,7 @@ def test_a_recompile_while_serving_is_counted_and_logged(llm_compiled, wait_idle
     runner = engine.runner
     try:
         with caplog.at_level(logging.WARNING, logger="fastgen_compile.runner"):
-            runner.forward(pack(StepPlan(), 32, engine.config.page_size, engine.config.q_block, engine.blocks.num_pages))
+            runner.forward(engine.pack(StepPlan(), 32))
             assert engine.recompiles_since_warmup() == 1
             llm.generate(["Hi"], SamplingParams(max_new_tokens=1, temperature=0))  # one more forward pass
         assert engine.recompiles_since_warmup() == 1, "the recompile was forgotten"

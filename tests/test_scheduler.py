@@ -45,6 +45,7 @@ class Sim:
     token_budget: int
     max_seqs: int
     policy: str = "splitfuse"
+    decode_rows: int = 0
     steps: list[Step] = field(default_factory=list)
     computed: Counter = field(default_factory=Counter)  # (seq_id, position) -> times computed
     finished: list[Sequence] = field(default_factory=list)
@@ -52,7 +53,7 @@ class Sim:
 
     def __post_init__(self) -> None:
         self.blocks = BlockManager(self.num_pages, self.page_size)
-        self.sched = Scheduler(self.blocks, self.token_budget, self.max_seqs, self.policy)
+        self.sched = Scheduler(self.blocks, self.token_budget, self.max_seqs, self.policy, self.decode_rows)
         self.seqs: list[Sequence] = []
 
     def add(self, seq: Sequence) -> Sequence:
@@ -217,6 +218,30 @@ def test_long_prompt_is_split_while_decodes_advance():
     assert len(long_steps) >= math.ceil(150 / (32 - 2)), long_steps
     assert sum(long_steps) == 150
     sim.run(max_steps=200)
+    sim.assert_all_done()
+    sim.assert_each_position_once()
+
+
+def test_decode_region_caps_decodes_and_keeps_the_prompt_budget():
+    """decode_rows=8: at most 8 running sequences, so every one decodes every step; prompt
+    chunks get budget - 8 whatever the decodes."""
+    sim = Sim(num_pages=400, page_size=8, token_budget=40, max_seqs=16, decode_rows=8)
+    early = [sim.add(make_seq(i, 3, 30)) for i in range(7)]
+    while sum(bool(s.output_token_ids) for s in early) < 7:
+        sim.step()
+    long = sim.add(make_seq(99, 200, 2))
+    later = [sim.add(make_seq(100 + i, 3, 5)) for i in range(4)]
+    saw_full_prompt_region = False
+    while long.num_computed < len(long.prompt_token_ids):
+        plan = sim.step().plan
+        decodes = plan.num_decode_tokens
+        prompt = plan.num_tokens - decodes
+        assert decodes <= 8 and prompt <= 32 and len(sim.sched.running) <= 8
+        assert all(s in [c.seq for c in plan.chunks] for s in sim.sched.running if s.output_token_ids)  # nobody starves
+        saw_full_prompt_region |= prompt == 32
+    assert all(not s.output_token_ids for s in later)  # admitted only as running ones finish
+    assert saw_full_prompt_region
+    sim.run(max_steps=400)
     sim.assert_all_done()
     sim.assert_each_position_once()
 

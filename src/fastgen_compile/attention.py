@@ -2,10 +2,14 @@
 
 The KV pool of a layer is one tensor of `num_slots = pages * page_size` rows. Every
 slot remembers which sequence wrote it and at which position (`slot_seq`, `slot_pos`);
-every query token knows its sequence and position (`q_seq`, `q_pos`). One `mask_mod`
-over those persistent tensors says "same sequence and not in the future"; the block
-mask's `kv_indices` list, per query block, only the pages of the sequences in it, so
-the kernel touches nothing else. Shapes are fixed per bucket; only contents change.
+every query row knows its sequence and position (`q_seq`, `q_pos`). One `mask_mod` per
+region over those persistent tensors says "same sequence and not in the future"; the
+block masks' page lists name, per query block, only the pages of the sequences in it,
+so the kernel touches nothing else. Shapes are fixed per bucket; only contents change.
+
+Two regions: decode rows use 1-row query blocks (a block never mixes sequences, so no
+page is read for a sequence that does not need it); prompt rows use `q_block`-row
+blocks, so a chunk's rows share each page they read (see docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -13,12 +17,14 @@ from __future__ import annotations
 import torch
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-SCRATCH_PAGE = 0  # padding tokens write here; no query block ever lists it
+from fastgen_compile.batch import Batch, BlockLists
 
 
 class PagedAttention:
-    def __init__(self, num_pages: int, page_size: int, max_tokens: int, q_block: int, device: torch.device):
-        self.num_pages, self.page_size, self.q_block = num_pages, page_size, q_block
+    def __init__(self, num_pages: int, page_size: int, max_tokens: int, decode_rows: int, q_block: int, group: int, device: torch.device):
+        """group: query heads per KV head. Each group is folded into the query rows (one
+        kernel row per token and head of the group), so a page is read once per KV head."""
+        self.num_pages, self.page_size, self.decode_rows, self.q_block, self.group = num_pages, page_size, decode_rows, q_block, group
         self.num_slots = num_pages * page_size
         self.q_seq = torch.full((max_tokens,), -1, dtype=torch.int32, device=device)
         self.q_pos = torch.zeros(max_tokens, dtype=torch.int32, device=device)
@@ -26,39 +32,66 @@ class PagedAttention:
         self.slot_pos = torch.zeros(self.num_slots, dtype=torch.int32, device=device)
         q_seq, q_pos, slot_seq, slot_pos = self.q_seq, self.q_pos, self.slot_seq, self.slot_pos
 
-        def same_sequence_causal(b, h, q_idx, kv_idx):
-            return (q_seq[q_idx] == slot_seq[kv_idx]) & (slot_pos[kv_idx] <= q_pos[q_idx])
+        def decode_mask(b, h, q_idx, kv_idx):
+            q = q_idx // group
+            return (q_seq[q] == slot_seq[kv_idx]) & (slot_pos[kv_idx] <= q_pos[q])
 
-        self.mask_mod = same_sequence_causal  # one function object for all steps: no retrace
+        def prompt_mask(b, h, q_idx, kv_idx):
+            q = q_idx // group + decode_rows
+            return (q_seq[q] == slot_seq[kv_idx]) & (slot_pos[kv_idx] <= q_pos[q])
 
-    def update(self, q_seq: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, bucket: int) -> None:
-        """Record this step's queries (padding owns nothing) and who wrote each new slot."""
-        n = q_seq.shape[0]
+        # fixed function objects for the engine's life: a new closure per step would retrace
+        self.decode_mask_mod, self.prompt_mask_mod = decode_mask, prompt_mask
+
+    def update(self, batch: Batch, positions: torch.Tensor, slots: torch.Tensor) -> None:
+        """Record this step's query rows and who wrote each new slot (padding writes nothing)."""
+        q_seq = batch.q_seq.to(positions.device)
+        n = batch.bucket
         self.q_seq[:n].copy_(q_seq)
-        self.q_seq[n:bucket].fill_(-1)
-        self.q_pos[:bucket].copy_(positions)
-        self.slot_seq.index_copy_(0, slots[:n], q_seq)
-        self.slot_pos.index_copy_(0, slots[:n], positions[:n])
+        self.q_pos[:n].copy_(positions)
+        real = q_seq >= 0
+        self.slot_seq.index_copy_(0, slots[real], q_seq[real])
+        self.slot_pos.index_copy_(0, slots[real], positions[real])
 
-    def block_mask(
-        self, kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor, full_num_blocks: torch.Tensor, full_indices: torch.Tensor, n_tokens: int
-    ) -> BlockMask:
+    def block_masks(self, batch: Batch) -> tuple[BlockMask | None, BlockMask | None]:
+        device = self.q_seq.device
+        decode = batch.decode_blocks and self._mask(batch.decode_blocks, 1, self.decode_rows, self.decode_mask_mod, device)
+        prompt = batch.prompt_blocks and self._mask(batch.prompt_blocks, self.q_block, batch.bucket - self.decode_rows, self.prompt_mask_mod, device)
+        return decode, prompt
+
+    def _mask(self, lists: BlockLists, q_block: int, rows: int, mask_mod, device: torch.device) -> BlockMask:
         """Partial pages go through mask_mod; full pages (wholly visible to a one-sequence
         query block) skip it, which on CPU is most of the cost of attention."""
         return BlockMask.from_kv_blocks(
-            kv_num_blocks,
-            kv_indices,
-            full_num_blocks,
-            full_indices,
-            BLOCK_SIZE=(self.q_block, self.page_size),
-            mask_mod=self.mask_mod,
-            seq_lengths=(n_tokens, self.num_slots),
+            lists.kv_num_blocks.to(device),
+            lists.kv_indices.to(device),
+            lists.full_num_blocks.to(device),
+            lists.full_indices.to(device),
+            BLOCK_SIZE=(q_block * self.group, self.page_size),
+            mask_mod=mask_mod,
+            seq_lengths=(rows * self.group, self.num_slots),
             compute_q_blocks=False,
         )
 
 
-def paged_attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, mask: BlockMask) -> torch.Tensor:
-    """q: (1, heads, tokens, dim); caches: (1, slots, kv_heads, dim) -> (tokens, heads * dim)."""
+def paged_attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, masks: tuple[BlockMask | None, BlockMask | None]) -> torch.Tensor:
+    """q: (1, tokens, heads, dim); caches: (1, slots, kv_heads, dim) -> (tokens, heads * dim).
+    The decode region is the first tokens (`masks[0]` says how many), the prompt region the rest."""
+    _, tokens, heads, dim = q.shape
+    kv_heads = k_cache.shape[2]
+    group = heads // kv_heads
     k, v = k_cache.transpose(1, 2), v_cache.transpose(1, 2)
-    out = flex_attention(q, k, v, block_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
-    return out[0].transpose(0, 1).reshape(q.shape[2], -1)
+    # fold each KV head's query heads into rows (row = token * group + head in group), so
+    # one kernel block reads a page once for the whole group. Every query is a fresh 4-D
+    # buffer: torch 2.13's CPU flex lowering rejects 5-D ones and silently misreads a
+    # slice with a storage offset (wrong tokens, no error).
+    by_token = q.view(1, tokens, kv_heads, group * dim).transpose(1, 2)  # (1, kv_heads, tokens, group * dim)
+    decode_mask, prompt_mask = masks
+    split = decode_mask.seq_lengths[0] // group if decode_mask is not None else 0
+    outs = []
+    for mask, part in ((decode_mask, by_token[:, :, :split]), (prompt_mask, by_token[:, :, split:])):
+        if mask is not None:
+            rows = part.contiguous().view(1, kv_heads, -1, dim)
+            outs.append(flex_attention(rows, k, v, block_mask=mask).view(1, kv_heads, -1, group * dim))
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)  # (1, kv_heads, tokens, group * dim)
+    return out.transpose(1, 2).reshape(tokens, heads * dim)

@@ -7,73 +7,95 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from fastgen_compile.attention import SCRATCH_PAGE
+from fastgen_compile.block_manager import SCRATCH_PAGE
 from fastgen_compile.scheduler import StepPlan
 
 
 @dataclass
+class BlockLists:
+    """One attention region's block mask contents: per query block, its pages."""
+
+    kv_num_blocks: torch.Tensor  # (1, 1, blocks) int32: pages needing mask_mod
+    kv_indices: torch.Tensor  # (1, 1, blocks, num_pages) int32
+    full_num_blocks: torch.Tensor  # same shapes: pages every query of the block sees whole
+    full_indices: torch.Tensor
+
+
+@dataclass
 class Batch:
+    """Rows [0, decode_rows) hold decode tokens (1-row query blocks), the rest prompt chunks."""
+
     bucket: int  # padded token count: the compiled shape
-    num_tokens: int  # real tokens, the rest is padding
+    decode_rows: int
     input_ids: torch.Tensor  # (bucket,) int64
     positions: torch.Tensor  # (bucket,) int32
     slots: torch.Tensor  # (bucket,) int64, KV slot each token writes
-    q_seq: torch.Tensor  # (num_tokens,) int32, owner of each real token
-    kv_num_blocks: torch.Tensor  # (1, 1, bucket / q_block) int32: pages needing the mask
-    kv_indices: torch.Tensor  # (1, 1, bucket / q_block, num_pages) int32
-    full_num_blocks: torch.Tensor  # same shapes: pages every query of the block sees whole
-    full_indices: torch.Tensor
-    sample_rows: torch.Tensor  # (sampled,) int64, row of each sampling chunk's last token
+    q_seq: torch.Tensor  # (bucket,) int32, owner of each row (-1: padding)
+    decode_blocks: BlockLists | None
+    prompt_blocks: BlockLists | None
+    chunk_rows: list[int]  # first row of each chunk, in plan order
+    sample_rows: torch.Tensor  # (sampled,) int64, last row of each sampling chunk, in plan order
 
 
-def pick_bucket(buckets: tuple[int, ...], num_tokens: int) -> int:
+def pick_bucket(buckets: tuple[int, ...], decode_rows: int, plan: StepPlan) -> int:
+    decodes = plan.num_decode_tokens
+    need = plan.num_tokens - decodes + max(decode_rows, decodes)
     for b in buckets:
-        if b >= num_tokens:
+        if b >= need:
             return b
-    raise ValueError(f"{num_tokens} tokens exceed the largest bucket {buckets[-1]}")
+    raise ValueError(f"{need} rows exceed the largest bucket {buckets[-1]}")
 
 
-def pack(plan: StepPlan, bucket: int, page_size: int, q_block: int, num_pages: int) -> Batch:
-    n_blocks = bucket // q_block
+def pack(plan: StepPlan, bucket: int, decode_rows: int, page_size: int, q_block: int, num_pages: int) -> Batch:
     input_ids = np.zeros(bucket, dtype=np.int64)
     positions = np.zeros(bucket, dtype=np.int32)
     slots = np.full(bucket, SCRATCH_PAGE * page_size, dtype=np.int64)
-    q_seq = np.empty(plan.num_tokens, dtype=np.int32)
-    partial, full = PageLists(n_blocks, num_pages), PageLists(n_blocks, num_pages)
-    sample_rows = []
-    row = 0
-    for chunk in plan.chunks:
-        seq, n = chunk.seq, chunk.num_tokens
-        pos = np.arange(chunk.start, chunk.start + n, dtype=np.int32)
-        pages = np.asarray(seq.block_table, dtype=np.int32)
-        input_ids[row : row + n] = seq.token_ids(chunk.start, chunk.start + n)
-        positions[row : row + n] = pos
-        slots[row : row + n] = pages[pos // page_size] * page_size + pos % page_size
-        q_seq[row : row + n] = seq.kv_id
-        # each query block lists the pages its tokens of this sequence can see (causal);
-        # a block holding only this sequence sees the pages before its first token whole
-        blocks = np.arange(row // q_block, (row + n - 1) // q_block + 1)
-        first = np.maximum(blocks * q_block, row)
-        last = np.minimum((blocks + 1) * q_block, row + n) - 1
-        alone = (blocks * q_block >= row) & (np.minimum((blocks + 1) * q_block, plan.num_tokens) <= row + n)
-        n_full = np.where(alone, (chunk.start + first - row + 1) // page_size, 0)
-        n_visible = (chunk.start + last - row) // page_size + 1
-        full.extend(blocks, np.zeros_like(n_full), n_full, pages)
-        partial.extend(blocks, n_full, n_visible, pages)
-        if chunk.samples:
-            sample_rows.append(row + n - 1)
-        row += n
+    q_seq = np.full(bucket, -1, dtype=np.int32)
+    decode_chunks = [c for c in plan.chunks if c.is_decode] if decode_rows else []
+    prompt_chunks = [c for c in plan.chunks if not (c.is_decode and decode_rows)]
+    regions = [(decode_chunks, 0, decode_rows, 1), (prompt_chunks, decode_rows, bucket, q_block)]
+    lists: list[BlockLists | None] = []
+    first_row: dict[int, int] = {}  # id(chunk) -> its first row
+    for chunks, region_start, region_end, block in regions:
+        if region_end == region_start:
+            lists.append(None)
+            continue
+        partial, full = PageLists((region_end - region_start) // block, num_pages), PageLists((region_end - region_start) // block, num_pages)
+        region_tokens = sum(c.num_tokens for c in chunks)
+        row = 0  # within the region
+        for chunk in chunks:
+            seq, n, at = chunk.seq, chunk.num_tokens, region_start + row
+            pos = np.arange(chunk.start, chunk.start + n, dtype=np.int32)
+            pages = np.asarray(seq.block_table, dtype=np.int32)
+            input_ids[at : at + n] = seq.token_ids(chunk.start, chunk.start + n)
+            positions[at : at + n] = pos
+            slots[at : at + n] = pages[pos // page_size] * page_size + pos % page_size
+            q_seq[at : at + n] = seq.kv_id
+            first_row[id(chunk)] = at
+            # each query block lists the pages its tokens of this sequence can see (causal);
+            # a block holding only this sequence sees the pages before its first token whole
+            blocks = np.arange(row // block, (row + n - 1) // block + 1)
+            first = np.maximum(blocks * block, row)
+            last = np.minimum((blocks + 1) * block, row + n) - 1
+            alone = (blocks * block >= row) & (np.minimum((blocks + 1) * block, region_tokens) <= row + n)
+            n_full = np.where(alone, (chunk.start + first - row + 1) // page_size, 0)
+            n_visible = (chunk.start + last - row) // page_size + 1
+            full.extend(blocks, np.zeros_like(n_full), n_full, pages)
+            partial.extend(blocks, n_full, n_visible, pages)
+            row += n
+        lists.append(BlockLists(partial.counts(), partial.indices(), full.counts(), full.indices()))
+    chunk_rows = [first_row[id(c)] for c in plan.chunks]
+    sample_rows = [row + c.num_tokens - 1 for c, row in zip(plan.chunks, chunk_rows) if c.samples]
     return Batch(
         bucket=bucket,
-        num_tokens=row,
+        decode_rows=decode_rows,
         input_ids=torch.from_numpy(input_ids),
         positions=torch.from_numpy(positions),
         slots=torch.from_numpy(slots),
         q_seq=torch.from_numpy(q_seq),
-        kv_num_blocks=partial.counts(),
-        kv_indices=partial.indices(),
-        full_num_blocks=full.counts(),
-        full_indices=full.indices(),
+        decode_blocks=lists[0],
+        prompt_blocks=lists[1],
+        chunk_rows=chunk_rows,
         sample_rows=torch.tensor(sample_rows, dtype=torch.int64),
     )
 

@@ -7,7 +7,8 @@ from collections import deque
 from fastgen_compile.errors import ConfigError
 from fastgen_compile.sequence import Sequence
 
-SCRATCH_PAGES = 1  # page 0 takes the padding tokens' writes
+SCRATCH_PAGE = 0  # padding tokens write here: never handed out, no query block lists it
+SCRATCH_PAGES = 1
 
 
 class BlockManager:

@@ -18,10 +18,12 @@ class EngineConfig:
     model: str | None = None  # HF folder or .gguf file; None: the embedded SmolLM2-135M-Instruct
     dtype: str = "bfloat16"
     device: str = "cpu"
-    # token counts the forward pass is compiled for; the largest is the SplitFuse token budget
-    buckets: tuple[int, ...] = (32, 128, 256)
+    # row counts the forward pass is compiled for; the largest is the SplitFuse token budget.
+    # Every bucket starts with `decode_rows` rows for decode tokens; the rest take prompt chunks.
+    buckets: tuple[int, ...] = (32, 96, 288)
+    decode_rows: int = 32  # also the most decodes per step; 0: decodes share the prompt rows
     page_size: int = 64  # KV slots per page, also the attention kv block
-    q_block: int = 1  # query rows per block-mask row (1: no query block mixes sequences)
+    q_block: int = 16  # prompt rows per block-mask row (decode rows always use 1)
     kv_dtype: str | None = None  # KV pool and attention dtype; default float32 on CPU, else dtype
     max_seqs: int = 64  # sequences in one forward pass
     max_model_len: int | None = None  # default: the model's context length
@@ -40,9 +42,13 @@ class EngineConfig:
         self.buckets = tuple(sorted(set(self.buckets)))
         if not self.buckets or self.buckets[0] < 1:
             raise ConfigError(f"buckets must be positive token counts, got {self.buckets}")
-        bad = [b for b in self.buckets if b % self.q_block]
+        if self.q_block < 1 or self.decode_rows < 0:
+            raise ConfigError("q_block must be >= 1 and decode_rows >= 0")
+        bad = [b for b in self.buckets if b < self.decode_rows or (b - self.decode_rows) % self.q_block]
         if bad:
-            raise ConfigError(f"every bucket must be a multiple of q_block={self.q_block}: {bad}")
+            raise ConfigError(f"every bucket must be decode_rows={self.decode_rows} plus a multiple of q_block={self.q_block}: {bad}")
+        if self.buckets[-1] == self.decode_rows:
+            raise ConfigError(f"the largest bucket must leave rows for prompts beyond decode_rows={self.decode_rows}")
         if self.policy not in POLICIES:
             raise ConfigError(f"policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
         if self.page_size < 1 or self.max_seqs < 1:

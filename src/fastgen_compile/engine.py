@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fastgen_compile.batch import pack, pick_bucket
+from fastgen_compile.batch import Batch, pack, pick_bucket
 from fastgen_compile.block_manager import BlockManager
 from fastgen_compile.config import EngineConfig
 from fastgen_compile.errors import RequestError
@@ -48,8 +48,10 @@ class Engine:
         self.max_model_len = min(config.max_model_len or context, context)
         num_pages = config.num_pages(Runner.kv_bytes_per_token(self.model, config.torch_kv_dtype), self.max_model_len)
         self.blocks = BlockManager(num_pages, config.page_size)
-        self.scheduler = Scheduler(self.blocks, config.token_budget, config.max_seqs, config.policy)
-        self.runner = Runner(self.model, num_pages, config.page_size, config.q_block, config.token_budget, config.torch_kv_dtype, config.compile)
+        self.scheduler = Scheduler(self.blocks, config.token_budget, config.max_seqs, config.policy, config.decode_rows)
+        self.runner = Runner(
+            self.model, num_pages, config.page_size, config.decode_rows, config.q_block, config.token_budget, config.torch_kv_dtype, config.compile
+        )
         self.eos_token_ids = self._eos_token_ids()
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._ids = itertools.count()
@@ -76,7 +78,7 @@ class Engine:
             for bucket in self.config.buckets:
                 bar.update(task, description=f"bucket {bucket} tokens")
                 t0 = time.perf_counter()
-                self.runner.forward(pack(StepPlan(), bucket, self.config.page_size, self.config.q_block, self.blocks.num_pages))
+                self.runner.forward(self.pack(StepPlan(), bucket))
                 seconds[bucket] = time.perf_counter() - t0
                 bar.advance(task)
         self.runner.mark_warm()
@@ -133,9 +135,8 @@ class Engine:
             return outputs
         t0 = time.perf_counter()
         decode_tokens = plan.num_decode_tokens
-        bucket = pick_bucket(self.config.buckets, plan.num_tokens)
-        batch = pack(plan, bucket, self.config.page_size, self.config.q_block, self.blocks.num_pages)
-        logits = self.runner.forward(batch)
+        bucket = pick_bucket(self.config.buckets, self.config.decode_rows, plan)
+        logits = self.runner.forward(self.pack(plan, bucket))
         self.scheduler.update(plan)
         sampling = [c.seq for c in plan.chunks if c.samples]
         tokens = sample(logits, [s.params for s in sampling], [s.generator for s in sampling]) if sampling else []
@@ -143,6 +144,10 @@ class Engine:
             outputs.append(self._append_token(seq, token))
         self.step_stats.append(StepStats(bucket, decode_tokens, plan.num_tokens - decode_tokens, len(plan.chunks), time.perf_counter() - t0))
         return outputs
+
+    def pack(self, plan: StepPlan, bucket: int) -> Batch:
+        c = self.config
+        return pack(plan, bucket, c.decode_rows, c.page_size, c.q_block, self.blocks.num_pages)
 
     def _drain_inbox(self) -> list[RequestOutput]:
         aborted = []

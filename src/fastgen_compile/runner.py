@@ -15,11 +15,13 @@ log = logging.getLogger(__name__)
 
 
 class Runner:
-    def __init__(self, model: Llama, num_pages: int, page_size: int, q_block: int, max_tokens: int, kv_dtype: torch.dtype, compile: bool):
+    def __init__(
+        self, model: Llama, num_pages: int, page_size: int, decode_rows: int, q_block: int, max_tokens: int, kv_dtype: torch.dtype, compile: bool
+    ):
         args = model.args
         device = model.embed.device
         self.model, self.page_size, self.q_block, self.num_pages = model, page_size, q_block, num_pages
-        self.attention = PagedAttention(num_pages, page_size, max_tokens, q_block, device)
+        self.attention = PagedAttention(num_pages, page_size, max_tokens, decode_rows, q_block, args.num_heads // args.num_kv_heads, device)
         shape = (1, num_pages * page_size, args.num_kv_heads, args.head_dim)
         self.k_caches = [torch.zeros(shape, dtype=kv_dtype, device=device) for _ in model.layers]
         self.v_caches = [torch.zeros(shape, dtype=kv_dtype, device=device) for _ in model.layers]
@@ -53,15 +55,13 @@ class Runner:
         ids = batch.input_ids.to(device, non_blocking=True)
         positions = batch.positions.to(device, non_blocking=True)
         slots = batch.slots.to(device, non_blocking=True)
-        self.attention.update(batch.q_seq.to(device), positions, slots, batch.bucket)
-        mask = self.attention.block_mask(
-            *(t.to(device) for t in (batch.kv_num_blocks, batch.kv_indices, batch.full_num_blocks, batch.full_indices)), batch.bucket
-        )
+        self.attention.update(batch, positions, slots)
+        masks = self.attention.block_masks(batch)
         pos = positions.long()
         cos, sin = self.cos[pos].unsqueeze(1), self.sin[pos].unsqueeze(1)
         x = self.model.embed[ids]
         for layer, k_cache, v_cache in zip(self.model.layers, self.k_caches, self.v_caches):
-            x = self.layer(x, *layer.weights(), k_cache, v_cache, cos, sin, slots, mask)
+            x = self.layer(x, *layer.weights(), k_cache, v_cache, cos, sin, slots, masks)
         self._check_recompile()
         return self.model.logits(x[batch.sample_rows.to(device)])
 

@@ -48,10 +48,13 @@ class StepPlan:
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, token_budget: int, max_seqs: int, policy: str = "splitfuse"):
+    def __init__(self, block_manager: BlockManager, token_budget: int, max_seqs: int, policy: str = "splitfuse", decode_rows: int = 0):
+        """decode_rows > 0: decodes get their own region of that many rows in every step and
+        prompt chunks share the rest of the budget; 0: decodes and prompts share it all."""
         if policy not in POLICIES:
             raise ConfigError(f"unknown scheduling policy {policy!r}; choose one of {', '.join(POLICIES)}")
         self.blocks, self.token_budget, self.max_seqs, self.policy = block_manager, token_budget, max_seqs, policy
+        self.decode_rows = decode_rows
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order; the newest is preempted first
         # a new id per admission: slots written before a preemption never match the recompute
@@ -91,13 +94,16 @@ class Scheduler:
             # every running sequence is stuck on pages: recompute the newest later
             self._preempt(self.running[-1], plan)
 
-    def _room(self, plan: StepPlan) -> int:
+    def _room(self, plan: StepPlan, decode: bool = False) -> int:
         if len(plan.chunks) >= self.max_seqs:
             return 0
-        return self.token_budget - plan.num_tokens
+        decodes = plan.num_decode_tokens
+        if decode and self.decode_rows:
+            return self.decode_rows - decodes
+        return self.token_budget - max(decodes, self.decode_rows) - (plan.num_tokens - decodes)
 
     def _add_decode(self, seq: Sequence, plan: StepPlan) -> None:
-        if seq.status is not Status.RUNNING or self._room(plan) < 1:
+        if seq.status is not Status.RUNNING or self._room(plan, decode=True) < 1:
             return
         while self.blocks.pages_needed(seq, seq.num_tokens) > self.blocks.num_free:
             scheduled = {c.seq for c in plan.chunks}
@@ -111,7 +117,9 @@ class Scheduler:
         for seq in prefills:
             if seq.status is Status.RUNNING:
                 self._add_prompt_chunk(seq, plan)
-        while self.waiting and self._room(plan) > 0 and not plan.preempted:  # no thrashing
+        # no admission in a step that preempted (no thrashing), nor beyond the decode rows
+        # (every running sequence must be able to decode every step)
+        while self.waiting and self._room(plan) > 0 and not plan.preempted and not (0 < self.decode_rows <= len(self.running)):
             seq = self.waiting[0]
             if not self._add_prompt_chunk(seq, plan):
                 return  # arrival order: nobody overtakes the head of the queue

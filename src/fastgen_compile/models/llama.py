@@ -100,7 +100,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (x.float() * cos + rotated.float() * sin).to(x.dtype)
 
 
-# attend(q, k_cache, v_cache, mask) -> (tokens, heads * head_dim); q: (1, heads, tokens, head_dim),
+# attend(q, k_cache, v_cache, mask) -> (tokens, heads * head_dim); q: (1, tokens, heads, head_dim),
 # caches: (1, slots, kv_heads, head_dim)
 AttendFn = Callable[..., torch.Tensor]
 
@@ -138,7 +138,7 @@ def decoder_layer(
     kv_dtype = k_cache.dtype  # attention runs in the pool's dtype (fp32 on CPU: see docs/architecture.md)
     k_cache.index_copy_(1, slots, k.to(kv_dtype))
     v_cache.index_copy_(1, slots, qkv[:, :, hq + hkv :].to(kv_dtype))
-    attn = attend(q.to(kv_dtype).transpose(1, 2), k_cache, v_cache, mask)
+    attn = attend(q.to(kv_dtype), k_cache, v_cache, mask)
     x = x + F.linear(attn.to(x.dtype), wo)
     gate, up = F.linear(rms_norm(x, mlp_norm, args.rms_norm_eps), w_gate_up).chunk(2, dim=-1)
     return x + F.linear(F.silu(gate) * up, w_down)
