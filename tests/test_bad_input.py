@@ -17,15 +17,15 @@ import time
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import GPT2Config, GPT2LMHeadModel
 
 from fastgen_compile import LLM, ModelLoadError, RequestError, SamplingParams
 from fastgen_compile.models.loader import embedded_model_path, load
+from tiny_llama import VOCAB, save_tiny_llama
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 
-VOCAB, CONTEXT = 512, 128
+CONTEXT = 128
 PAGE_SIZE, KV_PAGES = 8, 12  # one scratch page: the pool holds (12 - 1) * 8 = 88 tokens, below the context
 POOL_TOKENS = (KV_PAGES - 1) * PAGE_SIZE
 LLM_KW = {
@@ -35,28 +35,6 @@ VALID_PROMPT = "w5 w6 w7 w8"
 VALID_NEW_TOKENS = 24
 VALID_PARAMS = SamplingParams(max_new_tokens=VALID_NEW_TOKENS, temperature=0, ignore_eos=True)
 HANG_GUARD_S = 300  # only a guard against a hang, never a timing assertion
-
-
-def save_tiny_llama(folder) -> None:
-    """A tiny random Llama with a word-level tokenizer ("w5 w17" -> [5, 17]) over its whole vocab."""
-    cfg = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=128,
-        max_position_embeddings=CONTEXT,
-        initializer_range=0.3,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(cfg).save_pretrained(folder, safe_serialization=True)
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2} | {f"w{i}": i for i in range(3, VOCAB)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>").save_pretrained(folder)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -71,7 +49,7 @@ def one_torch_thread():
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny-llama")
-    save_tiny_llama(folder)
+    save_tiny_llama(folder, context=CONTEXT)
     return folder
 
 

@@ -21,7 +21,7 @@ from rich.table import Table
 sys.path.insert(0, os.path.dirname(__file__))
 from fastgen_compile import LLM, SamplingParams  # noqa: E402
 from fastgen_compile.models.loader import embedded_model_path  # noqa: E402
-from workload import engine_overrides, prompts_of_lengths  # noqa: E402
+from workload import add_engine_flags, engine_overrides, prompts_of_lengths  # noqa: E402
 
 
 def run_fastgen(prompts: list[list[int]], new_tokens: int, args) -> dict:
@@ -72,10 +72,7 @@ def main() -> None:
     p.add_argument("--min-prompt", type=int, default=64)
     p.add_argument("--max-prompt", type=int, default=512)
     p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--buckets", type=int, nargs="+", help="default: EngineConfig's")
-    p.add_argument("--page-size", type=int)
-    p.add_argument("--q-block", type=int)
-    p.add_argument("--kv-dtype")
+    add_engine_flags(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-transformers", action="store_true")
     p.add_argument("--out", default="bench_results/throughput.json")

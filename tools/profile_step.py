@@ -15,17 +15,14 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, os.path.dirname(__file__))
 from fastgen_compile.engine import Engine  # noqa: E402
 from fastgen_compile.sampling import SamplingParams  # noqa: E402
-from workload import engine_overrides, prompts_of_lengths  # noqa: E402
+from workload import add_engine_flags, engine_overrides, prompts_of_lengths  # noqa: E402
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--seqs", type=int, default=32)
     p.add_argument("--prompt", type=int, default=256)
-    p.add_argument("--buckets", type=int, nargs="+", help="default: EngineConfig's")
-    p.add_argument("--page-size", type=int)
-    p.add_argument("--q-block", type=int)
-    p.add_argument("--kv-dtype")
+    add_engine_flags(p)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--rows", type=int, default=15)
     args = p.parse_args()

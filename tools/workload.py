@@ -38,7 +38,16 @@ def prompts_of_lengths(tokenizer, lengths: list[int], seed: int = 0) -> list[lis
     return out
 
 
-def engine_overrides(args) -> dict:
-    """The engine knobs a benchmark's flags set; the rest keep EngineConfig's defaults."""
-    knobs = {"buckets": args.buckets and tuple(args.buckets), "page_size": args.page_size, "q_block": args.q_block, "kv_dtype": args.kv_dtype}
+def add_engine_flags(parser: argparse.ArgumentParser) -> None:
+    """Engine knobs a benchmark may override; unset ones keep EngineConfig's defaults."""
+    parser.add_argument("--buckets", type=int, nargs="+", help="default: EngineConfig's")
+    parser.add_argument("--decode-rows", type=int)
+    parser.add_argument("--page-size", type=int)
+    parser.add_argument("--q-block", type=int)
+    parser.add_argument("--kv-dtype")
+
+
+def engine_overrides(args: argparse.Namespace) -> dict:
+    knobs = {"buckets": args.buckets and tuple(args.buckets), "decode_rows": args.decode_rows, "page_size": args.page_size,
+             "q_block": args.q_block, "kv_dtype": args.kv_dtype}
     return {k: v for k, v in knobs.items() if v is not None}
