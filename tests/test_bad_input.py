@@ -21,7 +21,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from fastgen_compile import LLM, ModelLoadError, RequestError, SamplingParams
 from fastgen_compile.models.loader import embedded_model_path, load
-from tiny_llama import VOCAB, save_tiny_llama
+from tiny_llama import VOCAB, one_torch_thread, save_tiny_llama  # noqa: F401 (autouse fixture)
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 
@@ -35,15 +35,6 @@ VALID_PROMPT = "w5 w6 w7 w8"
 VALID_NEW_TOKENS = 24
 VALID_PARAMS = SamplingParams(max_new_tokens=VALID_NEW_TOKENS, temperature=0, ignore_eos=True)
 HANG_GUARD_S = 300  # only a guard against a hang, never a timing assertion
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny matmuls run faster on one thread, above all on a shared 2-core machine; restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

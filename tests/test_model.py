@@ -26,7 +26,7 @@ from fastgen_compile.batch import pick_bucket
 from fastgen_compile.engine import Engine
 from fastgen_compile.sampling import SamplingParams, new_generator
 from fastgen_compile.sequence import Sequence
-from tiny_llama import VOCAB, save_tiny_llama
+from tiny_llama import VOCAB, one_torch_thread, save_tiny_llama  # noqa: F401 (autouse fixture)
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 
@@ -123,15 +123,6 @@ def assert_matches_hf(hf: LlamaForCausalLM, r: Request) -> None:
     ref = hf_logits(hf, r.full)
     got = torch.stack([r.logits[p] for p in positions])
     torch.testing.assert_close(got, ref[positions], atol=ATOL, rtol=RTOL)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny matmuls run faster on one thread, above all on a shared 2-core machine; restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module", params=list(VARIANTS))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -44,3 +45,12 @@ def save_tiny_llama(
     model.save_pretrained(folder, safe_serialization=True, **kwargs)
     save_tiny_tokenizer(folder)
     return model
+
+
+@pytest.fixture(scope="module", autouse=True)  # import it into a test module to use it
+def one_torch_thread():
+    """Tiny matmuls run faster on one thread, above all on a shared 2-core machine; restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
