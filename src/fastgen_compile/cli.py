@@ -31,7 +31,7 @@ DEMO_PROMPTS = [
     "What is the capital of France?",
     "Write a haiku about the sea.",
     "Give three tips for writing clean Python code.",
-    "What is 12 times 7?",
+    "What is 2 plus 2?",
     "Explain what a hash table is to a beginner.",
     "Name four planets of the solar system.",
     "Suggest a name for a friendly robot.",

@@ -49,9 +49,7 @@ class Engine:
         num_pages = config.num_pages(Runner.kv_bytes_per_token(self.model, config.torch_kv_dtype), self.max_model_len)
         self.blocks = BlockManager(num_pages, config.page_size)
         self.scheduler = Scheduler(self.blocks, config.token_budget, config.max_seqs, config.policy, config.decode_rows)
-        self.runner = Runner(
-            self.model, num_pages, config.page_size, config.decode_rows, config.q_block, config.token_budget, config.torch_kv_dtype, config.compile
-        )
+        self.runner = Runner(self.model, config, num_pages)
         self.eos_token_ids = self._eos_token_ids()
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._ids = itertools.count()

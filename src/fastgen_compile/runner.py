@@ -9,26 +9,26 @@ import torch
 
 from fastgen_compile.attention import PagedAttention, paged_attend
 from fastgen_compile.batch import Batch
+from fastgen_compile.config import EngineConfig
 from fastgen_compile.models.llama import Llama, decoder_layer, rope_table
 
 log = logging.getLogger(__name__)
 
 
 class Runner:
-    def __init__(
-        self, model: Llama, num_pages: int, page_size: int, decode_rows: int, q_block: int, max_tokens: int, kv_dtype: torch.dtype, compile: bool
-    ):
-        args = model.args
+    def __init__(self, model: Llama, config: EngineConfig, num_pages: int):
+        args, c = model.args, config
         device = model.embed.device
-        self.model, self.page_size, self.q_block, self.num_pages = model, page_size, q_block, num_pages
-        self.attention = PagedAttention(num_pages, page_size, max_tokens, decode_rows, q_block, args.num_heads // args.num_kv_heads, device)
-        shape = (1, num_pages * page_size, args.num_kv_heads, args.head_dim)
-        self.k_caches = [torch.zeros(shape, dtype=kv_dtype, device=device) for _ in model.layers]
-        self.v_caches = [torch.zeros(shape, dtype=kv_dtype, device=device) for _ in model.layers]
+        self.model = model
+        group = args.num_heads // args.num_kv_heads
+        self.attention = PagedAttention(num_pages, c.page_size, c.token_budget, c.decode_rows, c.q_block, group, device)
+        shape = (1, num_pages * c.page_size, args.num_kv_heads, args.head_dim)
+        self.k_caches = [torch.zeros(shape, dtype=c.torch_kv_dtype, device=device) for _ in model.layers]
+        self.v_caches = [torch.zeros(shape, dtype=c.torch_kv_dtype, device=device) for _ in model.layers]
         cos, sin = rope_table(args)
         self.cos, self.sin = cos.to(device), sin.to(device)
         layer = functools.partial(decoder_layer, args=args, attend=paged_attend)
-        if compile:
+        if c.compile:
             # one graph per bucket shape, shared by all layers (weights and caches are inputs)
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
             layer = torch.compile(layer, fullgraph=True, dynamic=False, backend=self._inductor_counting_graphs)
