@@ -19,7 +19,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from fastgen_compile import LLM, ModelLoadError, RequestError, SamplingParams
+from fastgen_compile import LLM, EngineDied, ModelLoadError, RequestError, SamplingParams
 from fastgen_compile.models.loader import embedded_model_path, load
 from tiny_llama import VOCAB, one_torch_thread, save_tiny_llama  # noqa: F401 (autouse fixture)
 
@@ -258,3 +258,18 @@ def test_weight_of_the_wrong_shape_is_named(tiny_folder, tmp_path):
 
     with pytest.raises(ModelLoadError, match=r"weight w_down \(layer 1\) has shape \(64, 100\), the config implies \(64, 128\)"):
         load(corrupt_copy(tiny_folder, tmp_path, shrink), torch.float32, torch.device("cpu"))
+
+
+def test_a_failing_engine_loop_fails_every_caller_instead_of_hanging(tiny_folder, monkeypatch):
+    """An error inside a step reaches the waiting caller, and later submissions fail at once."""
+    llm = LLM(model=str(tiny_folder), **LLM_KW)
+
+    def broken_forward(batch):
+        raise RuntimeError("simulated kernel failure")
+
+    monkeypatch.setattr(llm.engine.runner, "forward", broken_forward)
+    with pytest.raises(EngineDied) as died:
+        llm.generate(VALID_PROMPT, VALID_PARAMS)
+    assert "simulated kernel failure" in str(died.value.__cause__)
+    with pytest.raises(EngineDied, match="failed earlier"):
+        llm.generate(VALID_PROMPT, VALID_PARAMS)

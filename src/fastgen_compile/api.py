@@ -6,6 +6,7 @@ are batched into the same forward passes.
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 from collections.abc import Iterator
@@ -15,6 +16,8 @@ from fastgen_compile.engine import Engine
 from fastgen_compile.errors import RequestError
 from fastgen_compile.sampling import SamplingParams
 from fastgen_compile.sequence import RequestOutput, Sequence
+
+log = logging.getLogger(__name__)
 
 
 class EngineDied(RuntimeError):
@@ -28,6 +31,7 @@ class LLM:
         self._listeners: dict[int, queue.SimpleQueue] = {}
         self._work = threading.Condition()
         self._closed = False
+        self._failure: Exception | None = None  # what stopped the engine loop, if anything
         self._loop_thread = threading.Thread(target=self._loop, name="fastgen-engine", daemon=True)
         self._loop_thread.start()
 
@@ -82,6 +86,8 @@ class LLM:
             raise EngineDied("this LLM is closed")
         q: queue.SimpleQueue = queue.SimpleQueue()
         with self._work:
+            if self._failure is not None:
+                raise EngineDied("the engine loop failed earlier; create a new LLM") from self._failure
             self._listeners[seq.seq_id] = q
             rid = self.engine.submit(seq)
             self._work.notify()
@@ -120,10 +126,13 @@ class LLM:
             try:
                 outputs = self.engine.step()
             except Exception as e:  # noqa: BLE001 - surface it to every waiting caller
-                for q in self._listeners.values():
-                    q.put(e)
-                self._listeners.clear()
-                raise
+                with self._work:
+                    self._failure = e
+                    for q in self._listeners.values():
+                        q.put(e)
+                    self._listeners.clear()
+                log.exception("the engine loop stopped; every pending and later request fails with EngineDied")
+                return
             with self._work:
                 for out in outputs:
                     q = self._listeners.get(out.request_id)
