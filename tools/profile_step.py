@@ -20,7 +20,7 @@ from workload import add_engine_flags, engine_overrides, prompts_of_lengths  # n
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--seqs", type=int, default=32)
+    p.add_argument("--seqs", type=int, default=24, help="running decodes; keep below decode_rows so the long prompt is admitted")
     p.add_argument("--prompt", type=int, default=256)
     add_engine_flags(p)
     p.add_argument("--steps", type=int, default=5)
