@@ -24,7 +24,7 @@ class PagedAttention:
     def __init__(self, num_pages: int, page_size: int, max_tokens: int, decode_rows: int, q_block: int, group: int, device: torch.device):
         """group: query heads per KV head. Each group is folded into the query rows (one
         kernel row per token and head of the group), so a page is read once per KV head."""
-        self.num_pages, self.page_size, self.decode_rows, self.q_block, self.group = num_pages, page_size, decode_rows, q_block, group
+        self.page_size, self.decode_rows, self.q_block, self.group = page_size, decode_rows, q_block, group
         self.num_slots = num_pages * page_size
         self.q_seq = torch.full((max_tokens,), -1, dtype=torch.int32, device=device)
         self.q_pos = torch.zeros(max_tokens, dtype=torch.int32, device=device)
