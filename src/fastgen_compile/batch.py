@@ -51,27 +51,28 @@ def pack(plan: StepPlan, bucket: int, decode_rows: int, page_size: int, q_block:
     positions = np.zeros(bucket, dtype=np.int32)
     slots = np.full(bucket, SCRATCH_PAGE * page_size, dtype=np.int64)
     q_seq = np.full(bucket, -1, dtype=np.int32)
-    decode_chunks = [c for c in plan.chunks if c.is_decode] if decode_rows else []
-    prompt_chunks = [c for c in plan.chunks if not (c.is_decode and decode_rows)]
-    regions = [(decode_chunks, 0, decode_rows, 1), (prompt_chunks, decode_rows, bucket, q_block)]
+    # rows in plan order: decodes fill the decode region, prompt chunks the rest
+    in_decode_region = [c.is_decode and decode_rows > 0 for c in plan.chunks]
+    chunk_rows, next_row = [], {False: decode_rows, True: 0}
+    for c, region in zip(plan.chunks, in_decode_region):
+        chunk_rows.append(next_row[region])
+        next_row[region] += c.num_tokens
     lists: list[BlockLists | None] = []
-    first_row: dict[int, int] = {}  # id(chunk) -> its first row
-    for chunks, region_start, region_end, block in regions:
+    for in_decode, region_start, region_end, block in ((True, 0, decode_rows, 1), (False, decode_rows, bucket, q_block)):
         if region_end == region_start:
             lists.append(None)
             continue
+        chunks = [(c, at) for c, at, region in zip(plan.chunks, chunk_rows, in_decode_region) if region == in_decode]
         partial, full = PageLists((region_end - region_start) // block, num_pages), PageLists((region_end - region_start) // block, num_pages)
-        region_tokens = sum(c.num_tokens for c in chunks)
-        row = 0  # within the region
-        for chunk in chunks:
-            seq, n, at = chunk.seq, chunk.num_tokens, region_start + row
+        region_tokens = sum(c.num_tokens for c, _ in chunks)
+        for chunk, at in chunks:
+            seq, n, row = chunk.seq, chunk.num_tokens, at - region_start
             pos = np.arange(chunk.start, chunk.start + n, dtype=np.int32)
             pages = np.asarray(seq.block_table, dtype=np.int32)
             input_ids[at : at + n] = seq.token_ids(chunk.start, chunk.start + n)
             positions[at : at + n] = pos
             slots[at : at + n] = pages[pos // page_size] * page_size + pos % page_size
             q_seq[at : at + n] = seq.kv_id
-            first_row[id(chunk)] = at
             # each query block lists the pages its tokens of this sequence can see (causal);
             # a block holding only this sequence sees the pages before its first token whole
             blocks = np.arange(row // block, (row + n - 1) // block + 1)
@@ -82,9 +83,7 @@ def pack(plan: StepPlan, bucket: int, decode_rows: int, page_size: int, q_block:
             n_visible = (chunk.start + last - row) // page_size + 1
             full.extend(blocks, np.zeros_like(n_full), n_full, pages)
             partial.extend(blocks, n_full, n_visible, pages)
-            row += n
         lists.append(BlockLists(partial.counts(), partial.indices(), full.counts(), full.indices()))
-    chunk_rows = [first_row[id(c)] for c in plan.chunks]
     sample_rows = [row + c.num_tokens - 1 for c, row in zip(plan.chunks, chunk_rows) if c.samples]
     return Batch(
         bucket=bucket,

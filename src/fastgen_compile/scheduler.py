@@ -37,14 +37,13 @@ class Chunk:
 class StepPlan:
     chunks: list[Chunk] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
+    num_tokens: int = 0  # running totals of the chunks
+    num_decode_tokens: int = 0
 
-    @property
-    def num_tokens(self) -> int:
-        return sum(c.num_tokens for c in self.chunks)
-
-    @property
-    def num_decode_tokens(self) -> int:
-        return sum(c.num_tokens for c in self.chunks if c.is_decode)
+    def add(self, chunk: Chunk) -> None:
+        self.chunks.append(chunk)
+        self.num_tokens += chunk.num_tokens
+        self.num_decode_tokens += chunk.num_tokens if chunk.is_decode else 0
 
 
 class Scheduler:
@@ -78,8 +77,9 @@ class Scheduler:
     def schedule(self) -> StepPlan:
         plan = StepPlan()
         while True:
-            decodes = [s for s in self.running if s.num_pending == 1 and s.output_token_ids]
-            prefills = [s for s in self.running if s not in decodes]
+            decodes, prefills = [], []
+            for s in self.running:
+                (decodes if s.num_pending == 1 and s.output_token_ids else prefills).append(s)
             if self.policy == "prefill_first":
                 self._add_prompt_chunks(prefills, plan)  # decodes only run when no prompt can
                 if not plan.chunks:
@@ -137,7 +137,7 @@ class Scheduler:
 
     def _schedule(self, seq: Sequence, start: int, n: int, plan: StepPlan, is_decode: bool = False) -> None:
         self.blocks.grow(seq, start + n)
-        plan.chunks.append(Chunk(seq, start, n, is_decode))
+        plan.add(Chunk(seq, start, n, is_decode))
 
     def _preempt(self, seq: Sequence, plan: StepPlan) -> None:
         """Free its pages and requeue it at the front: its prompt and output are recomputed."""

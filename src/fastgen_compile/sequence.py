@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import enum
-import time
 from dataclasses import dataclass, field
 
 import torch
@@ -24,7 +23,6 @@ class Sequence:
     params: SamplingParams
     generator: torch.Generator
     prompt: str | None = None
-    arrival: float = field(default_factory=time.monotonic)
     output_token_ids: list[int] = field(default_factory=list)
     num_computed: int = 0  # leading tokens whose keys/values are in the pool
     block_table: list[int] = field(default_factory=list)
