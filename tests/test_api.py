@@ -67,7 +67,7 @@ def test_stream_deltas_add_up_to_generate(llm, prompt):
 def test_breaking_out_of_a_stream_aborts_the_request(llm, wait_idle, idle_free_pages):
     idle = idle_free_pages(llm)
     long_run = SamplingParams(max_new_tokens=1000, temperature=0, ignore_eos=True)
-    steps_before = len(llm.engine.step_stats)
+    steps_before = llm.engine.num_steps
     received = 0
     for _ in llm.stream("Tell me a very long story about a dragon.", long_run):
         received += 1
@@ -77,12 +77,12 @@ def test_breaking_out_of_a_stream_aborts_the_request(llm, wait_idle, idle_free_p
     assert wait_idle(llm, timeout=60)
     assert llm.engine.blocks.num_free == idle
     # aborted after a handful of steps, not run to its 1000 tokens
-    assert len(llm.engine.step_stats) - steps_before < 100
+    assert llm.engine.num_steps - steps_before < 100
 
 
 def test_closing_a_started_stream_aborts_the_request(llm, wait_idle, idle_free_pages):
     idle = idle_free_pages(llm)
-    steps_before = len(llm.engine.step_stats)
+    steps_before = llm.engine.num_steps
     gen = llm.stream("List every prime number you know:", SamplingParams(max_new_tokens=1000, temperature=0, ignore_eos=True))
     first = next(gen)
     assert not first.finished and len(first.token_ids) == 1
@@ -90,7 +90,7 @@ def test_closing_a_started_stream_aborts_the_request(llm, wait_idle, idle_free_p
     gen.close()
     assert wait_idle(llm, timeout=60)
     assert llm.engine.blocks.num_free == idle
-    assert len(llm.engine.step_stats) - steps_before < 100
+    assert llm.engine.num_steps - steps_before < 100
     with pytest.raises(StopIteration):
         next(gen)
 
@@ -135,7 +135,7 @@ def test_seeded_sampling_is_reproducible_whatever_the_batch(llm):
     assert len(alone.token_ids) == SEEDED.max_new_tokens
 
     # again, while other requests (unseeded, greedy, top-k, other seeds) share the forward passes
-    steps_before = len(llm.engine.step_stats)
+    steps_before = llm.engine.num_steps
     others = [
         llm.stream("Tell me about volcanoes.", SamplingParams(max_new_tokens=40, temperature=1.0, ignore_eos=True)),
         llm.stream("The history of Rome", SamplingParams(max_new_tokens=40, temperature=0, ignore_eos=True)),
@@ -145,7 +145,7 @@ def test_seeded_sampling_is_reproducible_whatever_the_batch(llm):
     for other in others:
         assert list(other)[-1].finished
     assert batched.token_ids == alone.token_ids
-    assert max(s.num_seqs for s in llm.engine.step_stats[steps_before:]) > 1
+    assert max(s.num_seqs for s in llm.engine.steps_since(steps_before)) > 1
 
     # and inside one generate call, between other prompts that use the same parameters
     outs = llm.generate(["Describe a forest at night.", prompt, "Why is the sky blue?"], SEEDED)

@@ -110,7 +110,7 @@ def test_kv_pool_holds_every_prompt_at_once(hf_tokenizer, engine_config):
 def test_greedy_matches_transformers(engine, request, hf_references, hf_tokenizer, wait_idle):
     llm = request.getfixturevalue(engine)
     assert wait_idle(llm)
-    steps_before = len(llm.engine.step_stats)
+    steps_before = llm.engine.num_steps
 
     # record every step's chunks (request id, first position, tokens) as the engine thread plans them
     plans: list[list[tuple[int, int, int]]] = []
@@ -142,7 +142,7 @@ def test_greedy_matches_transformers(engine, request, hf_references, hf_tokenize
         assert out.text == hf_tokenizer.decode(ref, skip_special_tokens=True)
 
     # SplitFuse: every forward pass stays within the token budget, and some carried decodes and prompt chunks together
-    stats = llm.engine.step_stats[steps_before:]
+    stats = llm.engine.steps_since(steps_before)
     assert len(stats) == len(plans)
     budget = llm.engine.config.token_budget
     assert all(s.decode_tokens + s.prompt_tokens <= budget and s.bucket in llm.engine.config.buckets for s in stats)
@@ -182,9 +182,9 @@ def test_step_stats_count_a_one_token_prompt_chunk_as_prompt(llm_compiled, wait_
     """Regression: stats once classified chunks after sampling, so a 1-token prompt chunk looked like a decode."""
     llm = llm_compiled
     assert wait_idle(llm)
-    before = len(llm.engine.step_stats)
+    before = llm.engine.num_steps
     (out,) = llm.generate(prompt_token_ids=[[504]], sampling_params=SamplingParams(max_new_tokens=2, temperature=0, ignore_eos=True))
     assert len(out.token_ids) == 2
-    stats = llm.engine.step_stats[before:]
+    stats = llm.engine.steps_since(before)
     # step 1 runs the 1-token prompt, step 2 decodes the first generated token
     assert [(s.prompt_tokens, s.decode_tokens) for s in stats] == [(1, 0), (0, 1)]

@@ -43,7 +43,7 @@ def test_new_workload_shapes_trigger_no_recompile(llm_compiled, wait_idle):
     llm.generate(["Hello there"], SamplingParams(max_new_tokens=2, temperature=0))
     assert wait_idle(llm)
     graphs_before = unique_graphs()
-    steps_before = len(llm.engine.step_stats)
+    steps_before = llm.engine.num_steps
     assert llm.engine.recompiles_since_warmup() == 0
 
     jobs = [
@@ -64,7 +64,7 @@ def test_new_workload_shapes_trigger_no_recompile(llm_compiled, wait_idle):
     assert all(results)
     assert wait_idle(llm)
 
-    buckets = {s.bucket for s in llm.engine.step_stats[steps_before:]}
+    buckets = {s.bucket for s in llm.engine.steps_since(steps_before)}
     assert buckets == set(llm.engine.config.buckets)  # both compiled shapes were used
     assert unique_graphs() == graphs_before
     assert llm.engine.recompiles_since_warmup() == 0

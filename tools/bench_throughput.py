@@ -11,17 +11,16 @@ import json
 import os
 import platform
 import random
-import sys
 import time
 
 import torch
 from rich.console import Console
 from rich.table import Table
 
-sys.path.insert(0, os.path.dirname(__file__))
-from fastgen_compile import LLM, SamplingParams  # noqa: E402
-from fastgen_compile.models.loader import embedded_model_path  # noqa: E402
-from workload import add_engine_flags, engine_overrides, prompts_of_lengths  # noqa: E402
+from fastgen_compile import LLM, SamplingParams
+from fastgen_compile.cli import add_engine_flags, engine_overrides
+from fastgen_compile.corpus import prompts_of_lengths
+from fastgen_compile.models.loader import embedded_model_path
 
 
 def run_fastgen(prompts: list[list[int]], new_tokens: int, args) -> dict:
@@ -30,11 +29,11 @@ def run_fastgen(prompts: list[list[int]], new_tokens: int, args) -> dict:
     ready = time.perf_counter() - t0
     params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0, ignore_eos=True)
     llm.generate(prompt_token_ids=prompts[:2], sampling_params=SamplingParams(max_new_tokens=2, temperature=0.0))  # warm caches
-    llm.engine.step_stats.clear()
+    first_step = llm.engine.num_steps
     t0 = time.perf_counter()
     outs = llm.generate(prompt_token_ids=prompts, sampling_params=params)
     seconds = time.perf_counter() - t0
-    stats = llm.engine.step_stats
+    stats = llm.engine.steps_since(first_step)
     llm.close()
     return {
         "seconds": seconds,

@@ -106,10 +106,12 @@ class LLM:
             if not finished:
                 self._abort(rid)
 
-    def _abort(self, rid: int) -> None:
+    def _abort(self, rid: int, listening: bool = False) -> None:
+        """listening: a thread still follows the request and is to get its final "abort" output."""
         self.engine.abort(rid)
         with self._work:
-            self._listeners.pop(rid, None)
+            if not listening:
+                self._listeners.pop(rid, None)
             self._work.notify()
 
     def _last(self, rid: int, q: queue.SimpleQueue) -> RequestOutput:
@@ -155,6 +157,11 @@ class RequestStream:
         out = next(self._outputs)
         self._done = out.finished
         return out
+
+    def abort(self) -> None:
+        """Stop the request from any thread: the thread iterating it gets a last output with
+        finish_reason "abort" (close() must run on the iterating thread)."""
+        self.llm._abort(self.request_id, listening=True)
 
     def close(self) -> None:
         self._outputs.close()

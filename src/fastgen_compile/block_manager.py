@@ -27,6 +27,10 @@ class BlockManager:
     def num_free(self) -> int:
         return len(self.free_pages)
 
+    @property
+    def num_used(self) -> int:
+        return self.num_pages - SCRATCH_PAGES - self.num_free
+
     def pages_needed(self, seq: Sequence, num_tokens: int) -> int:
         return max(0, -(-num_tokens // self.page_size) - len(seq.block_table))
 

@@ -1,4 +1,5 @@
-"""The `fastgen-compile` command: `generate` streams one answer, `demo` shows continuous batching."""
+"""The `fastgen-compile` command: `generate` streams one answer, `demo` shows continuous batching,
+`chat` is the interactive console (console.py)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from rich.table import Table
 
 from fastgen_compile.api import LLM
 from fastgen_compile.config import DTYPES
+from fastgen_compile.console import ChatConsole
 from fastgen_compile.errors import FastGenError
 from fastgen_compile.sampling import SamplingParams
 
@@ -65,11 +67,15 @@ def clip(text: str, width: int) -> str:
 
 def open_llm(args: argparse.Namespace) -> LLM:
     err.print(f"[dim]loading {escape(args.model or 'the embedded SmolLM2-135M-Instruct')} ({args.dtype})…[/]")
-    return LLM(args.model, dtype=args.dtype)
+    return LLM(args.model, dtype=args.dtype, **engine_overrides(args))
+
+
+def sampling_params(args: argparse.Namespace) -> SamplingParams:
+    return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+    params = sampling_params(args)
     with open_llm(args) as llm:
         prompt = chat(llm, args.prompt) if args.chat else args.prompt
         if not args.chat:
@@ -93,11 +99,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
         err.print(f"[dim]{rate_line(tokens, seconds)}[/]")
 
         err.rule(f"{len(DEMO_PROMPTS)} requests at once (continuous batching)")
-        first_step = len(llm.engine.step_stats)
+        first_step = llm.engine.num_steps
         t0 = time.perf_counter()
         outputs = llm.generate([chat(llm, p) for p in DEMO_PROMPTS], params)
         seconds = time.perf_counter() - t0
-        steps = llm.engine.step_stats[first_step:]
+        steps = llm.engine.steps_since(first_step)
 
     table = Table("prompt", "answer", "tokens", show_lines=False)
     for prompt, o in zip(DEMO_PROMPTS, outputs):
@@ -113,6 +119,31 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_chat(args: argparse.Namespace) -> int:
+    params = sampling_params(args)  # bad values fail before the model loads
+    with open_llm(args) as llm:
+        ChatConsole(llm, out, params, args.system, live=out.is_terminal and not args.plain).run(args.script)
+    return 0
+
+
+def add_engine_flags(parser: argparse.ArgumentParser) -> None:
+    """Engine knobs a command may override; unset ones keep EngineConfig's defaults."""
+    g = parser.add_argument_group("engine (default: EngineConfig's)")
+    g.add_argument("--buckets", type=int, nargs="+", help="row counts the forward pass is compiled for")
+    g.add_argument("--decode-rows", type=int)
+    g.add_argument("--page-size", type=int)
+    g.add_argument("--q-block", type=int)
+    g.add_argument("--kv-dtype")
+    g.add_argument("--kv-pages", type=int, help="KV pool size in pages")
+    g.add_argument("--max-seqs", type=int)
+
+
+def engine_overrides(args: argparse.Namespace) -> dict:
+    knobs = {"buckets": args.buckets and tuple(args.buckets), "decode_rows": args.decode_rows, "page_size": args.page_size,
+             "q_block": args.q_block, "kv_dtype": args.kv_dtype, "kv_pages": args.kv_pages, "max_seqs": args.max_seqs}
+    return {k: v for k, v in knobs.items() if v is not None}
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fastgen-compile", description="Dynamic SplitFuse LLM serving as a torch.compile graph engine.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -120,15 +151,19 @@ def parser() -> argparse.ArgumentParser:
     def model_args(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--model", default=None, help="HF folder (config.json + *.safetensors) or .gguf file; default: embedded SmolLM2-135M-Instruct")
         sp.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES), help="weight and KV cache dtype (default: bfloat16)")
+        add_engine_flags(sp)
+
+    def sampling_args(sp: argparse.ArgumentParser, max_new_tokens: int) -> None:
+        sp.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+        sp.add_argument("--temperature", type=float, default=0.7, help="0 means greedy")
+        sp.add_argument("--top-p", type=float, default=0.9)
+        sp.add_argument("--top-k", type=int, default=0, help="0 means off")
+        sp.add_argument("--seed", type=int, default=None)
 
     g = sub.add_parser("generate", help="stream one completion to the terminal")
     g.add_argument("prompt")
     model_args(g)
-    g.add_argument("--max-new-tokens", type=int, default=128)
-    g.add_argument("--temperature", type=float, default=0.7, help="0 means greedy")
-    g.add_argument("--top-p", type=float, default=0.9)
-    g.add_argument("--top-k", type=int, default=0, help="0 means off")
-    g.add_argument("--seed", type=int, default=None)
+    sampling_args(g, max_new_tokens=128)
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     g.set_defaults(run=cmd_generate)
 
@@ -136,6 +171,14 @@ def parser() -> argparse.ArgumentParser:
     model_args(d)
     d.add_argument("--max-new-tokens", type=int, default=64)
     d.set_defaults(run=cmd_demo)
+
+    c = sub.add_parser("chat", help="multi-turn chat with a live panel of the engine; /help lists its commands")
+    model_args(c)
+    sampling_args(c, max_new_tokens=256)
+    c.add_argument("--system", default=None, metavar="PROMPT", help="system prompt (default: the chat template's own)")
+    c.add_argument("--plain", action="store_true", help="plain text, no live panel (the default when stdout is not a terminal)")
+    c.add_argument("--script", type=argparse.FileType("r"), metavar="FILE", help="read the user's turns and commands from FILE, one per line")
+    c.set_defaults(run=cmd_chat)
     return p
 
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 import itertools
 import logging
 import queue
+import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 
 import torch
@@ -27,8 +29,10 @@ from fastgen_compile.sequence import RequestOutput, Sequence, Status
 
 log = logging.getLogger(__name__)
 
+STEP_HISTORY = 100_000  # StepStats kept: a long-running engine must not grow without bound
 
-@dataclass(frozen=True)
+
+@dataclass(frozen=True, slots=True)
 class StepStats:
     """What one forward pass carried: SplitFuse at work."""
 
@@ -37,6 +41,18 @@ class StepStats:
     prompt_tokens: int
     num_seqs: int
     seconds: float
+
+
+@dataclass(frozen=True)
+class EngineSnapshot:
+    """The engine's load, read from any thread (for a live display); counts may be a step apart."""
+
+    running: int
+    waiting: int
+    pages_used: int
+    pages_free: int
+    num_steps: int
+    recent_steps: list[StepStats]  # oldest first
 
 
 class Engine:
@@ -54,7 +70,9 @@ class Engine:
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._ids = itertools.count()
         self._seqs: dict[int, Sequence] = {}
-        self.step_stats: list[StepStats] = []
+        self.step_stats: deque[StepStats] = deque(maxlen=STEP_HISTORY)
+        self.num_steps = 0  # every step ever taken; step_stats keeps the newest
+        self._stats_lock = threading.Lock()  # steps_since and snapshot copy step_stats on other threads
         self.warm = False
         if config.compile and config.warmup:
             self.warmup()
@@ -140,8 +158,27 @@ class Engine:
         tokens = sample(logits, [s.params for s in sampling], [s.generator for s in sampling]) if sampling else []
         for seq, token in zip(sampling, tokens):
             outputs.append(self._append_token(seq, token))
-        self.step_stats.append(StepStats(bucket, decode_tokens, plan.num_tokens - decode_tokens, len(plan.chunks), time.perf_counter() - t0))
+        stats = StepStats(bucket, decode_tokens, plan.num_tokens - decode_tokens, len(plan.chunks), time.perf_counter() - t0)
+        with self._stats_lock:
+            self.step_stats.append(stats)
+            self.num_steps += 1
         return outputs
+
+    def steps_since(self, num_steps: int) -> list[StepStats]:
+        """Stats of every step after the first `num_steps` (as far as step_stats still holds them)."""
+        with self._stats_lock:
+            first_kept = self.num_steps - len(self.step_stats)
+            return list(itertools.islice(self.step_stats, max(0, num_steps - first_kept), None))
+
+    def snapshot(self, recent_steps: int = 32) -> EngineSnapshot:
+        return EngineSnapshot(
+            running=len(self.scheduler.running),
+            waiting=len(self.scheduler.waiting),
+            pages_used=self.blocks.num_used,
+            pages_free=self.blocks.num_free,
+            num_steps=self.num_steps,
+            recent_steps=self.steps_since(self.num_steps - recent_steps),
+        )
 
     def pack(self, plan: StepPlan, bucket: int) -> Batch:
         c = self.config

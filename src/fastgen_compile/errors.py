@@ -15,3 +15,7 @@ class RequestError(FastGenError):
 
 class ConfigError(FastGenError):
     """An engine setting is out of range or inconsistent."""
+
+
+class CommandError(FastGenError):
+    """A chat console command is unknown or has a bad value."""

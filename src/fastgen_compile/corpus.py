@@ -1,5 +1,5 @@
-"""Benchmark prompts: real English text (docstrings of the Python standard library, always
-installed), tokenized by the model's tokenizer and cut to the drawn lengths. Seeded."""
+"""Real English text for long prompts (benchmarks, the chat's /load): the docstrings of the
+Python standard library, always installed, so nothing is downloaded."""
 
 from __future__ import annotations
 
@@ -36,18 +36,3 @@ def prompts_of_lengths(tokenizer, lengths: list[int], seed: int = 0) -> list[lis
         start = rng.randrange(0, len(ids) - n + 1)
         out.append(ids[start : start + n])
     return out
-
-
-def add_engine_flags(parser: argparse.ArgumentParser) -> None:
-    """Engine knobs a benchmark may override; unset ones keep EngineConfig's defaults."""
-    parser.add_argument("--buckets", type=int, nargs="+", help="default: EngineConfig's")
-    parser.add_argument("--decode-rows", type=int)
-    parser.add_argument("--page-size", type=int)
-    parser.add_argument("--q-block", type=int)
-    parser.add_argument("--kv-dtype")
-
-
-def engine_overrides(args: argparse.Namespace) -> dict:
-    knobs = {"buckets": args.buckets and tuple(args.buckets), "decode_rows": args.decode_rows, "page_size": args.page_size,
-             "q_block": args.q_block, "kv_dtype": args.kv_dtype}
-    return {k: v for k, v in knobs.items() if v is not None}

@@ -1,0 +1,303 @@
+"""`fastgen-compile chat`: a multi-turn chat in the terminal beside a live panel of what the engine
+does (tokens/s, time to first token, KV pages, sequences, what each forward pass carried), and
+/load to pour long prompts in next to the chat, so SplitFuse can be watched at work."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import TextIO
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.markup import escape
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+from fastgen_compile.api import LLM, EngineDied, RequestStream
+from fastgen_compile.corpus import prompts_of_lengths
+from fastgen_compile.engine import EngineSnapshot, StepStats
+from fastgen_compile.errors import CommandError, FastGenError
+from fastgen_compile.sampling import SamplingParams
+
+HELP = {
+    "/help": "this list",
+    "/reset": "forget the conversation (the system prompt stays)",
+    "/params k=v ...": "set sampling: temperature, top_p, top_k, max_new_tokens, seed (none: unseeded); alone: show them",
+    "/stats": "print the engine panel",
+    "/load N": "start N background requests with long prompts; the chat keeps streaming beside them",
+    "/quit": "leave (Ctrl-D too); Ctrl-C stops the current answer, not the chat",
+}
+PARAM_TYPES = {"temperature": float, "top_p": float, "top_k": int, "max_new_tokens": int, "seed": int}
+PROMPT = "[bold cyan]you>[/] "
+LOAD_PROMPT_TOKENS = 1024  # /load's prompt length, at most a quarter of the KV pool
+LOAD_PARAMS = SamplingParams(max_new_tokens=64, temperature=0)
+MAX_LOAD = 64
+RATE_STEPS = 32  # steps the engine's rates are averaged over
+CHART_STEPS = 10  # steps in the rolling chart
+CHART_WIDTH = 40  # cells for the token budget (the largest bucket)
+PANEL_LINES = CHART_STEPS + 8  # the engine panel's height, so the live answer above it can be cropped to fit
+
+
+@dataclass
+class Answer:
+    """The answer being streamed, or the last one: its text and timing."""
+
+    submitted: float  # time.perf_counter() when the request went in
+    text: str = ""
+    tokens: int = 0
+    first_token: float | None = None
+    last_token: float | None = None
+
+    def summary(self) -> str:
+        if self.first_token is None:
+            return "no token yet"
+        line = f"{self.tokens} tokens · first token {self.first_token - self.submitted:.2f} s"
+        if self.tokens > 1:
+            line += f" · {(self.tokens - 1) / max(self.last_token - self.first_token, 1e-9):.1f} tok/s"
+        return line
+
+
+class BackgroundLoad:
+    """/load: long-prompt requests (summarize a stretch of real text), each followed on its own thread."""
+
+    def __init__(self, llm: LLM):
+        self.llm = llm
+        self.running = self.finished = 0
+        self._streams: set[RequestStream] = set()
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
+        self._batches = 0  # seeds where the prompts are cut from: every /load reads other text
+
+    def prompt_tokens(self) -> int:
+        engine = self.llm.engine
+        return min(LOAD_PROMPT_TOKENS, engine.blocks.capacity_tokens // 4, engine.max_model_len // 2)
+
+    def start(self, n: int) -> None:
+        texts = prompts_of_lengths(self.llm.tokenizer, [self.prompt_tokens()] * n, seed=self._batches)
+        self._batches += 1
+        for ids in texts:
+            text = self.llm.tokenizer.decode(ids)
+            prompt = self.llm.apply_chat_template([{"role": "user", "content": f"Summarize this text in one paragraph:\n\n{text}"}])
+            stream = self.llm.stream(prompt, LOAD_PARAMS)
+            with self._lock:
+                self.running += 1
+                self._streams.add(stream)
+            thread = threading.Thread(target=self._follow, args=(stream,), name="fastgen-load", daemon=True)
+            self._threads.append(thread)
+            thread.start()
+
+    def _follow(self, stream: RequestStream) -> None:
+        try:
+            for _ in stream:
+                pass
+        except EngineDied:
+            pass  # the chat's own next request reports it
+        finally:
+            with self._lock:
+                self.running -= 1
+                self.finished += 1
+                self._streams.discard(stream)
+
+    def stop(self) -> None:
+        with self._lock:
+            streams = list(self._streams)
+        for stream in streams:
+            stream.abort()
+        for thread in self._threads:
+            thread.join()
+        self._threads.clear()
+
+
+def step_bar(step: StepStats, budget: int) -> Text:
+    """One forward pass as a bar over the token budget: decode tokens, prompt-chunk tokens, padding."""
+
+    def cells(tokens: int) -> int:
+        return math.ceil(tokens * CHART_WIDTH / budget)  # rounded up: a lone decode token still shows
+
+    decode = cells(step.decode_tokens)
+    prompt = max(cells(step.decode_tokens + step.prompt_tokens) - decode, 1 if step.prompt_tokens else 0)
+    padding = max(0, cells(step.bucket) - decode - prompt)
+    bar = Text.assemble(("█" * decode, "green"), ("▒" * prompt, "yellow"), ("·" * padding, "bright_black"))
+    bar.append(" " * max(0, CHART_WIDTH - bar.cell_len))
+    bar.append(f" {step.decode_tokens:>3} + {step.prompt_tokens:<3} tokens · {step.num_seqs:>2} seqs · {step.seconds * 1000:.0f} ms")
+    return bar
+
+
+def engine_panel(snap: EngineSnapshot, answer: Answer | None, load: BackgroundLoad, budget: int, title: str) -> Panel:
+    grid = Table.grid(padding=(0, 1))
+    grid.add_column(style="bold", no_wrap=True)
+    grid.add_column(no_wrap=True)
+    grid.add_row("answer", answer.summary() if answer else "ask something")
+    steps = snap.recent_steps[-RATE_STEPS:]
+    if steps:
+        tokens, seconds = sum(s.decode_tokens + s.prompt_tokens for s in steps), sum(s.seconds for s in steps)
+        mixed = sum(1 for s in steps if s.decode_tokens and s.prompt_tokens) / len(steps)
+        grid.add_row("engine", f"step {snap.num_steps} · last {len(steps)}: {tokens / len(steps):.0f} tokens/step · "
+                               f"{seconds / len(steps) * 1000:.0f} ms/step · {tokens / max(seconds, 1e-9):.0f} tok/s · {mixed:.0%} mixed")
+    else:
+        grid.add_row("engine", "no step yet")
+    grid.add_row("sequences", f"{snap.running} running · {snap.waiting} waiting · /load: {load.running} running, {load.finished} finished")
+    pages = snap.pages_used + snap.pages_free
+    used = round(snap.pages_used / max(pages, 1) * CHART_WIDTH)
+    grid.add_row("KV pages", Text.assemble(("█" * used, "magenta"), ("░" * (CHART_WIDTH - used), "bright_black"),
+                                            f" {snap.pages_used} used · {snap.pages_free} free"))
+    grid.add_row("steps", Text.assemble(("█", "green"), " decode  ", ("▒", "yellow"), " prompt chunk  ", ("·", "bright_black"),
+                                         " padding to the bucket  (newest last)"))
+    for step in snap.recent_steps[-CHART_STEPS:]:
+        grid.add_row(f"bucket {step.bucket:>4}", step_bar(step, budget))
+    return Panel(grid, title=title, title_align="left", expand=False)
+
+
+class ChatConsole:
+    """The chat loop: turns go through the chat template; lines starting with / are commands."""
+
+    def __init__(self, llm: LLM, console: Console, params: SamplingParams, system: str | None = None, live: bool = True):
+        self.llm, self.console, self.params, self.live = llm, console, params, live
+        self.system = system
+        self.history = self._new_history()
+        self.answer: Answer | None = None
+        self.load = BackgroundLoad(llm)
+        self.commands = {"/help": self.show_help, "/reset": self.reset, "/params": self.set_params, "/stats": self.show_stats, "/load": self.start_load}
+        cfg = llm.engine.config
+        self.title = f"fastgen-compile · {escape(llm.engine.model_name)} · {cfg.dtype} on {cfg.device} · buckets {' '.join(map(str, cfg.buckets))}"
+
+    def run(self, script: TextIO | None = None) -> None:
+        """Until /quit or the end of input (Ctrl-D, or the script's last line)."""
+        self.console.print(f"[bold]fastgen-compile chat[/] with {escape(self.llm.engine.model_name)}. "
+                           "/help lists the commands; Ctrl-C stops an answer; /quit leaves.")
+        try:
+            for line in self._script_turns(script) if script else self._typed_turns():
+                try:
+                    if not self.handle(line.strip()):
+                        return
+                except KeyboardInterrupt:
+                    self.console.print("[yellow]interrupted[/]")
+        finally:
+            self.load.stop()
+
+    def _typed_turns(self) -> Iterator[str]:
+        while True:
+            try:
+                line = self.console.input(PROMPT)
+            except KeyboardInterrupt:  # at the prompt, like a shell: a fresh line
+                self.console.print()
+                continue
+            except EOFError:
+                self.console.print()
+                return
+            yield line
+
+    def _script_turns(self, script: TextIO) -> Iterator[str]:
+        for line in script:
+            self.console.print(f"{PROMPT}{escape(line.rstrip())}")
+            yield line
+
+    def handle(self, line: str) -> bool:
+        """One turn or command; False once the user quits. Bad input costs one error line."""
+        if not line:
+            return True
+        try:
+            if not line.startswith("/"):
+                self.say(line)
+                return True
+            command, *args = line.split()
+            if command == "/quit":
+                return False
+            if command not in self.commands:
+                raise CommandError(f"unknown command {command}; /help lists them")
+            self.commands[command](args)
+        except FastGenError as e:
+            self.console.print(f"[red]error:[/] {escape(str(e))}")
+        return True
+
+    # ---- a turn ----------------------------------------------------------------------
+
+    def say(self, text: str) -> None:
+        messages = [*self.history, {"role": "user", "content": text}]
+        submitted = time.perf_counter()
+        stream = self.llm.stream(self.llm.apply_chat_template(messages), self.params)
+        self.answer = answer = Answer(submitted)
+        stopped = False
+        try:
+            with Live(get_renderable=self._live_view, console=self.console, refresh_per_second=10, transient=True) if self.live else nullcontext():
+                for out in stream:
+                    answer.last_token = time.perf_counter()
+                    answer.first_token = answer.first_token or answer.last_token
+                    answer.text, answer.tokens = out.text, len(out.token_ids)
+                    if not self.live:
+                        self.console.print(out.delta_text, end="", markup=False, highlight=False, soft_wrap=True)
+        except KeyboardInterrupt:
+            stopped = True
+        finally:
+            stream.close()  # aborts the request if it is still running
+        if self.live:
+            self.console.print(Text(answer.text), soft_wrap=True)
+        else:
+            self.console.print()
+        self.console.print(f"[dim]{'stopped (Ctrl-C) · ' if stopped else ''}{answer.summary()}[/]")
+        self.history = [*messages, {"role": "assistant", "content": answer.text}]
+
+    def _live_view(self) -> Group:
+        """Runs on Live's refresh thread: reads the answer's fields and an engine snapshot only."""
+        width = self.console.width - 4
+        lines = Text(self.answer.text).wrap(self.console, width)
+        tail = lines[-max(3, self.console.height - PANEL_LINES - 4) :]
+        return Group(Panel(Text("\n").join(tail), title="assistant", title_align="left"), self.panel())
+
+    def panel(self) -> Panel:
+        snap = self.llm.engine.snapshot(RATE_STEPS)
+        return engine_panel(snap, self.answer, self.load, self.llm.engine.config.token_budget, self.title)
+
+    # ---- commands --------------------------------------------------------------------
+
+    def _new_history(self) -> list[dict[str, str]]:
+        return [{"role": "system", "content": self.system}] if self.system else []
+
+    @staticmethod
+    def _no_args(command: str, args: list[str]) -> None:
+        if args:
+            raise CommandError(f"{command} takes no arguments, got {' '.join(args)!r}")
+
+    def show_help(self, args: list[str]) -> None:
+        self._no_args("/help", args)
+        for command, what in HELP.items():
+            self.console.print(f"  [bold]{escape(command):<16}[/] {what}")
+
+    def reset(self, args: list[str]) -> None:
+        self._no_args("/reset", args)
+        self.history = self._new_history()
+        self.console.print("[dim]conversation cleared[/]")
+
+    def set_params(self, args: list[str]) -> None:
+        changes = {}
+        for arg in args:
+            key, sep, value = arg.partition("=")
+            if not sep:
+                raise CommandError(f"/params takes key=value pairs, got {arg!r}")
+            if key not in PARAM_TYPES:
+                raise CommandError(f"unknown sampling parameter {key!r}; known: {', '.join(PARAM_TYPES)}")
+            kind = PARAM_TYPES[key]
+            try:
+                changes[key] = None if key == "seed" and value.lower() == "none" else kind(value)
+            except ValueError:
+                raise CommandError(f"{key} must be {'an integer' if kind is int else 'a number'}, got {value!r}") from None
+        self.params = dataclasses.replace(self.params, **changes)  # SamplingParams checks the values
+        self.console.print("[dim]" + " ".join(f"{k}={getattr(self.params, k)}" for k in PARAM_TYPES) + "[/]")
+
+    def show_stats(self, args: list[str]) -> None:
+        self._no_args("/stats", args)
+        self.console.print(self.panel())
+
+    def start_load(self, args: list[str]) -> None:
+        if len(args) != 1 or not args[0].isdigit() or not 1 <= int(args[0]) <= MAX_LOAD:
+            raise CommandError(f"/load takes one count from 1 to {MAX_LOAD}, got {' '.join(args)!r}")
+        self.load.start(int(args[0]))
+        self.console.print(f"[dim]{args[0]} background requests of {self.load.prompt_tokens()} prompt tokens started; "
+                           "ask something to watch the chat stream beside their prompt chunks[/]")
