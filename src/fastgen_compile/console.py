@@ -29,10 +29,10 @@ from fastgen_compile.sampling import SamplingParams
 HELP = {
     "/help": "this list",
     "/reset": "forget the conversation (the system prompt stays)",
-    "/params k=v ...": "set sampling: temperature, top_p, top_k, max_new_tokens, seed (none: unseeded); alone: show them",
+    "/params k=v ...": "temperature, top_p, top_k, max_new_tokens, seed (none: off)",
     "/stats": "print the engine panel",
-    "/load N": "start N background requests with long prompts; the chat keeps streaming beside them",
-    "/quit": "leave (Ctrl-D too); Ctrl-C stops the current answer, not the chat",
+    "/load N": "N background requests with long prompts, beside the chat",
+    "/quit": "leave (Ctrl-D too); Ctrl-C stops an answer, not the chat",
 }
 PARAM_TYPES = {"temperature": float, "top_p": float, "top_k": int, "max_new_tokens": int, "seed": int}
 PROMPT = "[bold cyan]you>[/] "
@@ -41,7 +41,7 @@ LOAD_PARAMS = SamplingParams(max_new_tokens=64, temperature=0)
 MAX_LOAD = 64
 RATE_STEPS = 32  # steps the engine's rates are averaged over
 CHART_STEPS = 10  # steps in the rolling chart
-CHART_WIDTH = 40  # cells for the token budget (the largest bucket)
+CHART_WIDTH = 32  # cells for the token budget (the largest bucket)
 PANEL_LINES = CHART_STEPS + 8  # the engine panel's height, so the live answer above it can be cropped to fit
 
 
@@ -126,7 +126,7 @@ def step_bar(step: StepStats, budget: int) -> Text:
     padding = max(0, cells(step.bucket) - decode - prompt)
     bar = Text.assemble(("█" * decode, "green"), ("▒" * prompt, "yellow"), ("·" * padding, "bright_black"))
     bar.append(" " * max(0, CHART_WIDTH - bar.cell_len))
-    bar.append(f" {step.decode_tokens:>3} + {step.prompt_tokens:<3} tokens · {step.num_seqs:>2} seqs · {step.seconds * 1000:.0f} ms")
+    bar.append(f" {step.decode_tokens:>3}+{step.prompt_tokens:<4}{step.num_seqs:>3} seqs {step.seconds * 1000:>5.0f} ms")
     return bar
 
 
@@ -139,19 +139,18 @@ def engine_panel(snap: EngineSnapshot, answer: Answer | None, load: BackgroundLo
     if steps:
         tokens, seconds = sum(s.decode_tokens + s.prompt_tokens for s in steps), sum(s.seconds for s in steps)
         mixed = sum(1 for s in steps if s.decode_tokens and s.prompt_tokens) / len(steps)
-        grid.add_row("engine", f"step {snap.num_steps} · last {len(steps)}: {tokens / len(steps):.0f} tokens/step · "
-                               f"{seconds / len(steps) * 1000:.0f} ms/step · {tokens / max(seconds, 1e-9):.0f} tok/s · {mixed:.0%} mixed")
+        grid.add_row("engine", f"step {snap.num_steps} · {tokens / len(steps):.0f} tokens/step · {seconds / len(steps) * 1000:.0f} ms/step · "
+                               f"{tokens / max(seconds, 1e-9):.0f} tok/s · {mixed:.0%} mixed")
     else:
         grid.add_row("engine", "no step yet")
-    grid.add_row("sequences", f"{snap.running} running · {snap.waiting} waiting · /load: {load.running} running, {load.finished} finished")
+    grid.add_row("seqs", f"{snap.running} running · {snap.waiting} waiting · /load {load.running} running, {load.finished} finished")
     pages = snap.pages_used + snap.pages_free
     used = round(snap.pages_used / max(pages, 1) * CHART_WIDTH)
     grid.add_row("KV pages", Text.assemble(("█" * used, "magenta"), ("░" * (CHART_WIDTH - used), "bright_black"),
                                             f" {snap.pages_used} used · {snap.pages_free} free"))
-    grid.add_row("steps", Text.assemble(("█", "green"), " decode  ", ("▒", "yellow"), " prompt chunk  ", ("·", "bright_black"),
-                                         " padding to the bucket  (newest last)"))
+    grid.add_row("bucket", Text.assemble(("█", "green"), " decode ", ("▒", "yellow"), " prompt chunk ", ("·", "bright_black"), " padding  (newest last)"))
     for step in snap.recent_steps[-CHART_STEPS:]:
-        grid.add_row(f"bucket {step.bucket:>4}", step_bar(step, budget))
+        grid.add_row(f"{step.bucket:>6}", step_bar(step, budget))
     return Panel(grid, title=title, title_align="left", expand=False)
 
 
@@ -166,7 +165,7 @@ class ChatConsole:
         self.load = BackgroundLoad(llm)
         self.commands = {"/help": self.show_help, "/reset": self.reset, "/params": self.set_params, "/stats": self.show_stats, "/load": self.start_load}
         cfg = llm.engine.config
-        self.title = f"fastgen-compile · {escape(llm.engine.model_name)} · {cfg.dtype} on {cfg.device} · buckets {' '.join(map(str, cfg.buckets))}"
+        self.title = f"engine · {escape(llm.engine.model_name)} · {cfg.dtype} on {cfg.device} · buckets {' '.join(map(str, cfg.buckets))}"
 
     def run(self, script: TextIO | None = None) -> None:
         """Until /quit or the end of input (Ctrl-D, or the script's last line)."""
