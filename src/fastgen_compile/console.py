@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import random
 import threading
 import time
 from collections.abc import Iterator
@@ -21,7 +22,7 @@ from rich.table import Table
 from rich.text import Text
 
 from fastgen_compile.api import LLM, EngineDied, RequestStream
-from fastgen_compile.corpus import prompts_of_lengths
+from fastgen_compile.corpus import corpus, random_slices
 from fastgen_compile.engine import EngineSnapshot, StepStats
 from fastgen_compile.errors import CommandError, FastGenError
 from fastgen_compile.sampling import SamplingParams
@@ -31,13 +32,13 @@ HELP = {
     "/reset": "forget the conversation (the system prompt stays)",
     "/params k=v ...": "temperature, top_p, top_k, max_new_tokens, seed (none: off)",
     "/stats": "print the engine panel",
-    "/load N": "N background requests with long prompts, beside the chat",
+    "/load N [TOKENS]": "N clients sending long prompts back to back beside the chat; /load 0 stops them",
     "/quit": "leave (Ctrl-D too); Ctrl-C stops an answer, not the chat",
 }
 PARAM_TYPES = {"temperature": float, "top_p": float, "top_k": int, "max_new_tokens": int, "seed": int}
 PROMPT = "[bold cyan]you>[/] "
-LOAD_PROMPT_TOKENS = 1024  # /load's prompt length, at most a quarter of the KV pool
-LOAD_PARAMS = SamplingParams(max_new_tokens=64, temperature=0)
+LOAD_PROMPT_TOKENS = 1024  # /load's default prompt length, at most a quarter of the KV pool
+LOAD_PARAMS = SamplingParams(max_new_tokens=32, temperature=0)  # short answers: prompt chunks keep coming
 MAX_LOAD = 64
 RATE_STEPS = 32  # steps the engine's rates are averaged over
 CHART_STEPS = 10  # steps in the rolling chart
@@ -65,54 +66,82 @@ class Answer:
 
 
 class BackgroundLoad:
-    """/load: long-prompt requests (summarize a stretch of real text), each followed on its own thread."""
+    """/load: clients that each send long-prompt requests (summarize a stretch of real text) back
+    to back, on their own threads, so prompt chunks keep flowing into the steps beside the chat."""
 
     def __init__(self, llm: LLM):
         self.llm = llm
-        self.running = self.finished = 0
-        self._streams: set[RequestStream] = set()
+        self.clients = self.finished = 0
+        self._streams: set[RequestStream] = set()  # each client's request in flight
         self._threads: list[threading.Thread] = []
-        self._lock = threading.Lock()
-        self._batches = 0  # seeds where the prompts are cut from: every /load reads other text
+        self._lock = threading.Lock()  # guards the counts, _streams and _stopping
+        self._stopping = False
+        self._corpus: list[int] | None = None  # token ids, cut into prompts
+        self._rng = random.Random(0)
 
-    def prompt_tokens(self) -> int:
+    def default_prompt_tokens(self) -> int:
         engine = self.llm.engine
         return min(LOAD_PROMPT_TOKENS, engine.blocks.capacity_tokens // 4, engine.max_model_len // 2)
 
-    def start(self, n: int) -> None:
-        texts = prompts_of_lengths(self.llm.tokenizer, [self.prompt_tokens()] * n, seed=self._batches)
-        self._batches += 1
-        for ids in texts:
-            text = self.llm.tokenizer.decode(ids)
-            prompt = self.llm.apply_chat_template([{"role": "user", "content": f"Summarize this text in one paragraph:\n\n{text}"}])
-            stream = self.llm.stream(prompt, LOAD_PARAMS)
-            with self._lock:
-                self.running += 1
-                self._streams.add(stream)
-            thread = threading.Thread(target=self._follow, args=(stream,), name="fastgen-load", daemon=True)
+    def start(self, clients: int, prompt_tokens: int) -> None:
+        """The first request of each client is made here, so a bad size fails on the caller's thread."""
+        if self._corpus is None:
+            self._corpus = self.llm.tokenizer.encode(corpus())
+        if prompt_tokens > len(self._corpus):
+            raise CommandError(f"/load prompts can have at most {len(self._corpus)} tokens (the text they are cut from), got {prompt_tokens}")
+        firsts: list[RequestStream] = []
+        try:
+            for _ in range(clients):
+                firsts.append(self._request(prompt_tokens))
+        except FastGenError:
+            for stream in firsts:
+                self._streams.discard(stream)
+                stream.close()
+            raise
+        with self._lock:
+            self.clients += clients
+        for stream in firsts:
+            thread = threading.Thread(target=self._client, args=(stream, prompt_tokens), name="fastgen-load", daemon=True)
             self._threads.append(thread)
             thread.start()
 
-    def _follow(self, stream: RequestStream) -> None:
+    def _request(self, prompt_tokens: int) -> RequestStream | None:
+        with self._lock:
+            if self._stopping:
+                return None
+            (ids,) = random_slices(self._corpus, [prompt_tokens], self._rng)
+            text = self.llm.tokenizer.decode(ids)
+            prompt = self.llm.apply_chat_template([{"role": "user", "content": f"Summarize this text in one paragraph:\n\n{text}"}])
+            stream = self.llm.stream(prompt, LOAD_PARAMS)
+            self._streams.add(stream)
+            return stream
+
+    def _client(self, stream: RequestStream | None, prompt_tokens: int) -> None:
         try:
-            for _ in stream:
-                pass
+            while stream is not None:
+                for _ in stream:
+                    pass
+                with self._lock:
+                    self._streams.discard(stream)
+                    self.finished += 1
+                stream = self._request(prompt_tokens)
         except EngineDied:
             pass  # the chat's own next request reports it
         finally:
             with self._lock:
-                self.running -= 1
-                self.finished += 1
-                self._streams.discard(stream)
+                self.clients -= 1
 
     def stop(self) -> None:
+        """Abort every client's request in flight and end the clients."""
         with self._lock:
+            self._stopping = True
             streams = list(self._streams)
         for stream in streams:
             stream.abort()
         for thread in self._threads:
             thread.join()
         self._threads.clear()
+        self._stopping = False
 
 
 def step_bar(step: StepStats, budget: int) -> Text:
@@ -143,7 +172,7 @@ def engine_panel(snap: EngineSnapshot, answer: Answer | None, load: BackgroundLo
                                f"{tokens / max(seconds, 1e-9):.0f} tok/s · {mixed:.0%} mixed")
     else:
         grid.add_row("engine", "no step yet")
-    grid.add_row("seqs", f"{snap.running} running · {snap.waiting} waiting · /load {load.running} running, {load.finished} finished")
+    grid.add_row("seqs", f"{snap.running} running · {snap.waiting} waiting · /load: {load.clients} clients, {load.finished} done")
     pages = snap.pages_used + snap.pages_free
     used = round(snap.pages_used / max(pages, 1) * CHART_WIDTH)
     grid.add_row("KV pages", Text.assemble(("█" * used, "magenta"), ("░" * (CHART_WIDTH - used), "bright_black"),
@@ -295,8 +324,16 @@ class ChatConsole:
         self.console.print(self.panel())
 
     def start_load(self, args: list[str]) -> None:
-        if len(args) != 1 or not args[0].isdigit() or not 1 <= int(args[0]) <= MAX_LOAD:
-            raise CommandError(f"/load takes one count from 1 to {MAX_LOAD}, got {' '.join(args)!r}")
-        self.load.start(int(args[0]))
-        self.console.print(f"[dim]{args[0]} background requests of {self.load.prompt_tokens()} prompt tokens started; "
-                           "ask something to watch the chat stream beside their prompt chunks[/]")
+        if not 1 <= len(args) <= 2 or not all(a.isdigit() for a in args):
+            raise CommandError(f"/load takes a count of clients and optionally their prompt tokens, got {' '.join(args)!r}")
+        clients = int(args[0])
+        prompt_tokens = int(args[1]) if len(args) == 2 else self.load.default_prompt_tokens()
+        if clients == 0:
+            self.load.stop()
+            self.console.print("[dim]background clients stopped[/]")
+            return
+        if clients > MAX_LOAD or prompt_tokens < 1:
+            raise CommandError(f"/load takes 0 to {MAX_LOAD} clients and at least 1 prompt token, got {' '.join(args)!r}")
+        self.load.start(clients, prompt_tokens)
+        self.console.print(f"[dim]{clients} background clients started, sending prompts of {prompt_tokens} tokens back to back; "
+                           "ask something to watch the chat stream beside their prompt chunks (/load 0 stops them)[/]")

@@ -27,8 +27,10 @@ def corpus() -> str:
 
 def prompts_of_lengths(tokenizer, lengths: list[int], seed: int = 0) -> list[list[int]]:
     """Token-id prompts of exactly the given lengths, each from a random place in the corpus."""
-    ids = tokenizer.encode(corpus())
-    rng = random.Random(seed)
+    return random_slices(tokenizer.encode(corpus()), lengths, random.Random(seed))
+
+
+def random_slices(ids: list[int], lengths: list[int], rng: random.Random) -> list[list[int]]:
     out = []
     for n in lengths:
         if n > len(ids):
