@@ -21,8 +21,4 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--max-new-tokens", type=int, default=64)
     args = p.parse_args()
-    pipe = pipeline()  # same arguments as LLM(): model, dtype, engine knobs
-    try:
-        main(pipe, args.max_new_tokens)
-    finally:
-        pipe.llm.close()
+    main(pipeline(), args.max_new_tokens)  # pipeline() takes LLM()'s arguments: model, dtype, engine knobs

@@ -58,7 +58,7 @@ def test_chat_turns_and_commands(llm_compiled, wait_idle, idle_free_pages):
     second = llm.chat([user(FRANCE), {"role": "assistant", "content": first.text}, user(ITALY)], GREEDY)
     script = io.StringIO("\n".join([
         FRANCE, "/params top_p=0.5 seed=3", "/params top_p=2", "/params top_k=1.5", "/params warmth=1", "/params 0.5",
-        "/frobnicate", "/load", "/load x", "/load 65", "/load 2 30000", "/load 2 96", ITALY, "/stats", "/reset", "/help now", "/quit", "never read",
+        "/frobnicate", "/load", "/load x", "/load 65", "/load 2 30000", "/load 2 96", ITALY, "/stats", "/load 0", "/reset", "/help now", "/quit", "never read",
     ]))
     console = Console(file=io.StringIO(), width=100, highlight=False)
     chat = ChatConsole(llm, console, SamplingParams(max_new_tokens=8, temperature=0), live=False)
@@ -86,6 +86,7 @@ def test_chat_turns_and_commands(llm_compiled, wait_idle, idle_free_pages):
     assert re.search(r"seqs +\d running · \d waiting · /load: 2 clients, \d+ done", transcript)
     assert re.search(r"KV pages +[█░]{32} \d+ used · \d+ free", transcript)
     assert "▒" in transcript  # a step in the chart carried prompt-chunk tokens
+    assert "background clients stopped" in transcript
     assert "conversation cleared" in transcript and "you> never read" not in transcript
     # /reset forgot both turns; the one before it had both in its prompt
     assert chat.history == []
@@ -167,7 +168,7 @@ def test_chat_in_a_pseudo_terminal(llm_compiled, wait_idle, engine_config):
         at = term.prompt(at)
         at = term.expect(r"temperature=0.0 top_p=0.5 top_k=0 max_new_tokens=8 seed=None", term.type("/params top_p=0.5"))
         at = term.expect(r"error: unknown command /nonsense; /help lists them", term.type("/nonsense"))
-        at = term.expect(r"3 background clients started, sending prompts of 508 tokens", term.type("/load 3"))
+        at = term.expect(r"3 background clients started, sending prompts of 256 tokens", term.type("/load 3"))
         at = term.prompt(at)
         mark = term.type(ITALY)
         # the live panel, while the answer streams beside the three background requests

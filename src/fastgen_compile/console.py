@@ -37,7 +37,7 @@ HELP = {
 }
 PARAM_TYPES = {"temperature": float, "top_p": float, "top_k": int, "max_new_tokens": int, "seed": int}
 PROMPT = "[bold cyan]you>[/] "
-LOAD_PROMPT_TOKENS = 1024  # /load's default prompt length, at most a quarter of the KV pool
+LOAD_PROMPT_TOKENS = 1024  # /load's default prompt length; also at most 4 steps' budget and a quarter of the KV pool
 LOAD_PARAMS = SamplingParams(max_new_tokens=32, temperature=0)  # short answers: prompt chunks keep coming
 MAX_LOAD = 64
 RATE_STEPS = 32  # steps the engine's rates are averaged over
@@ -81,7 +81,7 @@ class BackgroundLoad:
 
     def default_prompt_tokens(self) -> int:
         engine = self.llm.engine
-        return min(LOAD_PROMPT_TOKENS, engine.blocks.capacity_tokens // 4, engine.max_model_len // 2)
+        return min(LOAD_PROMPT_TOKENS, 4 * engine.config.token_budget, engine.blocks.capacity_tokens // 4, engine.max_model_len // 2)
 
     def start(self, clients: int, prompt_tokens: int) -> None:
         """The first request of each client is made here, so a bad size fails on the caller's thread."""
