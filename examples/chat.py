@@ -1,7 +1,7 @@
 """Multi-turn chat with the API: the conversation is a list of messages that grows by one
 question and one answer per turn; LLM.chat applies the tokenizer's chat template.
 
-    python examples/chat.py [--max-new-tokens 96]
+    python examples/chat.py [--max-new-tokens 64]
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def main(llm: LLM, max_new_tokens: int) -> None:
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--max-new-tokens", type=int, default=96)
+    p.add_argument("--max-new-tokens", type=int, default=64)
     args = p.parse_args()
     with LLM() as llm:
         main(llm, args.max_new_tokens)
