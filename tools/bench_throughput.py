@@ -11,17 +11,15 @@ import json
 import os
 import platform
 import random
-import sys
 import time
 
 import torch
 from rich.console import Console
 from rich.table import Table
 
-sys.path.insert(0, os.path.dirname(__file__))
-from fastgen_compile import LLM, SamplingParams  # noqa: E402
-from fastgen_compile.models.loader import embedded_model_path  # noqa: E402
-from workload import add_engine_flags, engine_overrides, prompts_of_lengths  # noqa: E402
+from fastgen_compile import LLM, SamplingParams
+from fastgen_compile.bench.workload import add_engine_flags, engine_overrides, prompts_of_lengths
+from fastgen_compile.models.loader import embedded_model_path
 
 
 def run_fastgen(prompts: list[list[int]], new_tokens: int, args) -> dict:

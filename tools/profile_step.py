@@ -6,16 +6,13 @@
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
 
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, os.path.dirname(__file__))
-from fastgen_compile.engine import Engine  # noqa: E402
-from fastgen_compile.sampling import SamplingParams  # noqa: E402
-from workload import add_engine_flags, engine_overrides, prompts_of_lengths  # noqa: E402
+from fastgen_compile.bench.workload import add_engine_flags, engine_overrides, prompts_of_lengths
+from fastgen_compile.engine import Engine
+from fastgen_compile.sampling import SamplingParams
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""The `fastgen-compile` command: `generate` streams one answer, `demo` shows continuous batching."""
+"""The `fastgen-compile` command: `generate` streams one answer, `demo` shows continuous batching, `bench` measures serving."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from fastgen_compile.api import LLM
+from fastgen_compile.bench import run as bench_run
 from fastgen_compile.config import DTYPES
 from fastgen_compile.errors import FastGenError
 from fastgen_compile.sampling import SamplingParams
@@ -136,6 +137,10 @@ def parser() -> argparse.ArgumentParser:
     model_args(d)
     d.add_argument("--max-new-tokens", type=int, default=64)
     d.set_defaults(run=cmd_demo)
+
+    b = sub.add_parser("bench", help="serving benchmark: SplitFuse vs prefill-first vs transformers under load, SLA metrics, plots")
+    bench_run.add_arguments(b)
+    b.set_defaults(run=bench_run.main)
     return p
 
 
