@@ -1,9 +1,9 @@
 """Serving metrics: latency percentiles and the paper's effective throughput under a chat SLA.
 
-A request meets the SLA when its prompt is processed at >= `prompt_rate` tokens/s (time to
-first token <= prompt_tokens / prompt_rate) and the exponential moving average (span
-`ema_span`) of its generation rate never drops below the generation rate asked for.
-Effective throughput = requests per second that meet it.
+A request meets an SLA when its prompt is processed at >= a prompt rate in tokens/s (time
+to first token <= prompt_tokens / prompt_rate) and the exponential moving average (span
+`ema_span`) of its generation rate never drops below a generation rate. Effective
+throughput = requests per second that meet it, for every (prompt rate, generation rate) pair.
 """
 
 from __future__ import annotations
@@ -37,14 +37,19 @@ class Trace:
 
 @dataclass(frozen=True)
 class SLA:
-    prompt_rate: float = 512.0  # prompt tokens/s: time to first token <= prompt_tokens / prompt_rate
+    prompt_rates: tuple[float, ...] = (512.0,)  # prompt tokens/s: time to first token <= prompt_tokens / rate
     generation_rates: tuple[float, ...] = (2.0, 4.0, 6.0)  # tokens/s the generation EMA must hold
     ema_span: int = 16
 
-    def met(self, trace: Trace, generation_rate: float) -> bool:
-        if trace.ttft > trace.prompt_tokens / self.prompt_rate:
+    def targets(self) -> dict[str, tuple[float, float]]:
+        """Every (prompt rate, generation rate) pair, keyed "prompt/generation" in tokens/s."""
+        return {f"{p:g}/{g:g}": (p, g) for p in self.prompt_rates for g in self.generation_rates}
+
+    @staticmethod
+    def met(trace: Trace, prompt_rate: float, generation_rate: float, ema_span: int = 16) -> bool:
+        if trace.ttft > trace.prompt_tokens / prompt_rate:
             return False
-        alpha, ema = 2 / (self.ema_span + 1), None
+        alpha, ema = 2 / (ema_span + 1), None
         for gap in trace.inter_token:
             rate = 1 / max(gap, 1e-9)
             ema = rate if ema is None else alpha * rate + (1 - alpha) * ema
@@ -75,5 +80,5 @@ def summarize(traces: list[Trace], seconds: float, sla: SLA) -> dict:
         "ttft_s": distribution([t.ttft for t in done]),
         "inter_token_s": distribution([g for t in done for g in t.inter_token]),
         "end_to_end_s": distribution([t.end_to_end for t in done]),
-        "effective_throughput": {f"{r:g}": sum(sla.met(t, r) for t in done) / seconds for r in sla.generation_rates},
+        "effective_throughput": {key: sum(sla.met(t, p, g, sla.ema_span) for t in done) / seconds for key, (p, g) in sla.targets().items()},
     }

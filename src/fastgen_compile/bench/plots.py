@@ -21,21 +21,22 @@ def _by_system(results: list[dict]) -> dict[str, list[dict]]:
     return systems
 
 
-def throughput_latency(ax_row, results: list[dict], settings: dict) -> None:
+def throughput_latency(axes, results: list[dict]) -> None:
     key, label = _load_axis(results)
-    rates = list(results[0]["effective_throughput"])
-    for ax, rate in zip(ax_row, rates):
+    for ax, sla in zip(axes, results[0]["effective_throughput"]):
         for name, rows in _by_system(results).items():
-            ax.plot([r[key] for r in rows], [r["effective_throughput"][rate] for r in rows], marker="o", label=name)
-        ax.set(title=f"SLA: prompt {settings['sla']['prompt_rate']:g} tok/s, generation {rate} tok/s", xlabel=label,
-               ylabel="effective throughput (requests/s)")
-        ax.legend()
+            ax.plot([r[key] for r in rows], [r["effective_throughput"][sla] for r in rows], marker="o", label=name)
+        prompt, generation = sla.split("/")
+        ax.set(title=f"SLA: prompt {prompt} tok/s, generation {generation} tok/s", xlabel=label, ylabel="effective throughput (requests/s)")
+        ax.legend(fontsize="small")
 
 
 def draw(name: str, results: list[dict], settings: dict, path: str) -> str:
     if name == "throughput_latency.png":
-        fig, axes = plt.subplots(1, len(results[0]["effective_throughput"]), figsize=(5.5 * len(results[0]["effective_throughput"]), 4.5), squeeze=False)
-        throughput_latency(axes[0], results, settings)
+        n = len(results[0]["effective_throughput"])
+        cols, rows = min(n, 3), -(-n // 3)
+        fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 4.2 * rows), squeeze=False)
+        throughput_latency(axes.flat, results)
     elif name == "p95_latency_vs_throughput.png":
         fig, ax = plt.subplots(figsize=(6.5, 4.5))
         for system, rows in _by_system(results).items():

@@ -17,8 +17,8 @@ def load_of(row: dict) -> str:
 
 def table(results: list[dict]) -> Table:
     rates = list(results[0]["effective_throughput"])
-    t = Table(title="serving benchmark (latencies in seconds)")
-    for col in ("system", "load", "req/s", *(f"eff. req/s @{r} tok/s" for r in rates), "out tok/s", "TTFT p50", "TTFT p95",
+    t = Table(title="serving benchmark (latencies in seconds; effective throughput @ SLA prompt/generation tokens/s)")
+    for col in ("system", "load", "req/s", *(f"eff. req/s @{r}" for r in rates), "out tok/s", "TTFT p50", "TTFT p95",
                 "ITL p50", "ITL p95", "ITL p99", "e2e p95"):
         t.add_column(col, justify="right")
     for r in results:

@@ -43,7 +43,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gen-mean", type=int, default=60, help="generated tokens, normal with std 0.3 x mean")
     p.add_argument("--clients", type=int, nargs="+", default=[1, 2, 4, 8], help="closed-loop concurrent clients, one load point each")
     p.add_argument("--rates", type=float, nargs="+", help="open-loop Poisson arrival rates (requests/s) instead of clients")
-    p.add_argument("--prompt-rate", type=float, default=512.0, help="SLA: prompt tokens/s (time to first token <= prompt / rate)")
+    p.add_argument("--prompt-rates", type=float, nargs="+", default=[512.0], help="SLA: prompt tokens/s (time to first token <= prompt / rate)")
     p.add_argument("--gen-rates", type=float, nargs="+", default=[2.0, 4.0, 6.0], help="SLA: generation EMA tokens/s")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help=f"a small run (under 3 minutes here): {QUICK}")
@@ -74,7 +74,7 @@ def main(args: argparse.Namespace) -> int:
     if args.quick:
         for k, v in QUICK.items():
             setattr(args, k, v)
-    sla = SLA(args.prompt_rate, tuple(args.gen_rates))
+    sla = SLA(tuple(args.prompt_rates), tuple(args.gen_rates))
     from transformers import AutoTokenizer
 
     folder, kwargs = transformers_source(args.model)
