@@ -212,7 +212,8 @@ LOAD_CASES = {
     "truncated gguf (first 100 bytes)": (lambda tf, tmp: truncated_gguf(tmp, 100), r"corrupt or truncated GGUF file"),
     "unsupported architecture (GPT-2)": (
         lambda tf, tmp: save_gpt2(tmp / "gpt2") or str(tmp / "gpt2"),
-        r"unsupported architecture 'GPT2LMHeadModel' \(model_type 'gpt2'\); supported model types: llama, mistral, qwen2",
+        r"unsupported architecture GPT2LMHeadModel; supported architectures: LlamaForCausalLM, MistralForCausalLM, MixtralForCausalLM, "
+        r"OPTForCausalLM, Phi3ForCausalLM, Qwen2ForCausalLM$",
     ),
 }
 

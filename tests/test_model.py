@@ -220,7 +220,7 @@ def test_sharded_safetensors_folder_loads_and_matches(tmp_path):
             q, k, v = engine.model.layers[1].wqkv.split([64, 32, 32])
             torch.testing.assert_close(k, p, atol=0, rtol=0)
         if name == "model.layers.0.mlp.up_proj.weight":
-            torch.testing.assert_close(engine.model.layers[0].w_gate_up[128:], p, atol=0, rtol=0)
+            torch.testing.assert_close(engine.model.layers[0].w_up[128:], p, atol=0, rtol=0)
     reqs = [Request(random_ids(30 + 5, seed=8), prompt_len=30), Request(random_ids(40 + 3, seed=9), prompt_len=40)]
     drive(engine, reqs)
     for r in reqs:
