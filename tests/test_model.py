@@ -59,7 +59,7 @@ VARIANTS = {
     "llama-dynamic-rope": Variant("llama", {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, 32, {"max_model_len": 128}, True),
     "mistral-window-12": Variant("mistral", {"sliding_window": 12}),  # prompts here run to 75 tokens, pages hold 8
     "qwen2": Variant("qwen2"),
-    "phi3-longrope": Variant("phi3", {"partial_rotary_factor": 0.5, "rope_scaling": LONGROPE}, rope_per_call=True),
+    "phi3-longrope": Variant("phi3", {"partial_rotary_factor": 0.5, "rope_scaling": LONGROPE, "original_max_position_embeddings": 32}, rope_per_call=True),
     "mixtral": Variant("mixtral", {"num_local_experts": 4, "num_experts_per_tok": 2}),
     "opt-pre-norm": Variant("opt", {"do_layer_norm_before": True}),  # OPT-125m's shape
     "opt-post-norm-projected": Variant("opt", {"do_layer_norm_before": False, "word_embed_proj_dim": 32}),  # OPT-350m's
