@@ -25,13 +25,13 @@ from dataclasses import dataclass, field
 
 import pytest
 import torch
-from transformers import DynamicCache, PreTrainedModel
+from transformers import AutoModelForCausalLM, DynamicCache, PreTrainedModel
 
 from fastgen_compile.batch import pick_bucket
 from fastgen_compile.engine import Engine
 from fastgen_compile.sampling import SamplingParams, new_generator
 from fastgen_compile.sequence import Sequence
-from tiny_llama import VOCAB, one_torch_thread, save_tiny, tiny_config  # noqa: F401 (autouse fixture)
+from tiny_llama import VOCAB, one_torch_thread, save_tiny, save_tiny_gguf, tiny_config  # noqa: F401 (autouse fixture)
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 
@@ -146,7 +146,7 @@ def drive(engine: Engine, requests: list[Request], max_steps: int = 500) -> list
         real_rows = torch.tensor([row + i for c, row in zip(plan.chunks, batch.chunk_rows) for i in range(c.num_tokens)])
         assert len(set(real_rows.tolist())) == plan.num_tokens and int(real_rows.max()) < batch.bucket
         logits = engine.runner.forward(dataclasses.replace(batch, sample_rows=real_rows))
-        assert logits.shape == (plan.num_tokens, VOCAB) and logits.dtype == torch.float32
+        assert logits.shape == (plan.num_tokens, engine.model.args.vocab_size) and logits.dtype == torch.float32
         engine.scheduler.update(plan)
         samplers = [c.seq for c in plan.chunks if c.samples]
         row = 0
@@ -307,6 +307,21 @@ def test_sharded_safetensors_folder_loads_and_matches(name, tmp_path):
     shards = set(json.loads(index.read_text())["weight_map"].values())
     assert len(shards) >= 3 and all((tmp_path / s).is_file() for s in shards)
     reqs = [Request(random_ids(30 + 5, seed=8), prompt_len=30), Request(random_ids(40 + 3, seed=9), prompt_len=40)]
+    log = drive(tiny.engine, reqs)
+    for r in reqs:
+        assert_matches_hf(tiny, r, log)
+
+
+@pytest.mark.parametrize("model_type", ["qwen2", "phi3"])  # Llama's GGUF path: the embedded model (test_equality.py)
+def test_gguf_loads_like_transformers(model_type, tmp_path):
+    """A GGUF file as llama.cpp lays it out (Phi-3's fused tensors, Qwen2's biases and plain q/k
+    rows): our logits match transformers' reading of the same file."""
+    hf = save_tiny(tmp_path, tiny_config(model_type))
+    save_tiny_gguf(tmp_path / "tiny.gguf", hf)
+    ref = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="tiny.gguf", dtype=torch.float32).eval()
+    assert type(ref) is type(hf)
+    tiny = Tiny(ref, Engine(model=str(tmp_path / "tiny.gguf"), **ENGINE_KW), Variant(model_type))
+    reqs = [Request(random_ids(40 + 4, seed=13), prompt_len=40), Request(random_ids(9 + 6, seed=14), prompt_len=9, add_at_step=1)]
     log = drive(tiny.engine, reqs)
     for r in reqs:
         assert_matches_hf(tiny, r, log)

@@ -57,3 +57,39 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def save_tiny_gguf(path, hf: PreTrainedModel) -> None:
+    """`hf`'s weights as an F32 GGUF file laid out as llama.cpp's converter writes them (q/k rows
+    interleaved for llama and mistral), with a BPE tokenizer of VOCAB whole-word tokens and no merges."""
+    import gguf
+
+    cfg, arch = hf.config, hf.config.model_type
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_key_value_heads)
+    writer.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_vocab_size(cfg.vocab_size)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(3, cfg.vocab_size)])
+    writer.add_token_scores([0.0] * cfg.vocab_size)
+    writer.add_token_merges([])
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_pad_token_id(0)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], cfg.num_hidden_layers)
+    for name, t in hf.state_dict().items():
+        w = t.float().numpy()
+        heads = {"q_proj": cfg.num_attention_heads, "k_proj": cfg.num_key_value_heads}.get(name.split(".")[-2])
+        if arch in ("llama", "mistral") and heads:  # llama.cpp's rotary layout: each head's two halves interleaved
+            w = w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+        writer.add_tensor(names.get_name(name, try_suffixes=(".weight", ".bias")), w)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
