@@ -34,8 +34,7 @@ class Family:
 def _window(cfg) -> int | None:
     """The sliding window, when it can bind: one as long as the context changes nothing."""
     window = getattr(cfg, "sliding_window", None)
-    active = window and getattr(cfg, "use_sliding_window", True) and window < cfg.max_position_embeddings
-    return window if active else None
+    return window if window and window < cfg.max_position_embeddings else None
 
 
 def _llama_args(cfg) -> ModelArgs:
@@ -63,10 +62,14 @@ def _llama_args(cfg) -> ModelArgs:
 
 
 def _qwen2_args(cfg) -> ModelArgs:
+    args = replace(_llama_args(cfg), qkv_bias=True, o_bias=False)
+    # use_sliding_window and max_window_layers become per-layer types: a window on all layers or none
     layer_types = set(getattr(cfg, "layer_types", None) or ["full_attention"])
-    if _window(cfg) and len(layer_types) > 1:
-        raise ModelLoadError(f"Qwen2 with sliding-window attention on some layers only ({cfg.max_window_layers=}) is not supported")
-    return replace(_llama_args(cfg), qkv_bias=True, o_bias=False)
+    if layer_types == {"full_attention"}:
+        return replace(args, sliding_window=None)
+    if len(layer_types) > 1 and args.sliding_window:
+        raise ModelLoadError(f"Qwen2 with a sliding window on some layers only (max_window_layers={cfg.max_window_layers}) is not supported")
+    return args
 
 
 def _mixtral_args(cfg) -> ModelArgs:
