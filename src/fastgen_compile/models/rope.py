@@ -66,8 +66,10 @@ class Rope:
         self.args, s = args, dict(args.params)
         inv_freq = _base_inv_freq(args.theta, args.dim)
         self.scale = 1.0  # multiplies cos and sin (longrope's attention factor)
+        if args.kind in ("linear", "dynamic"):
+            self.factor = s["factor"]
         if args.kind == "linear":
-            inv_freq = inv_freq / s["factor"]
+            inv_freq = inv_freq / self.factor
         elif args.kind == "llama3":
             inv_freq = _llama3(inv_freq, s)
         elif args.kind == "longrope":
@@ -86,7 +88,7 @@ class Rope:
         inv_freq = self.inv_freq.expand(positions.shape[0], -1)
         if a.kind == "dynamic":
             # NTK: a bigger base once the sequence outgrows the trained context (a per-token base)
-            factor, trained = dict(a.params)["factor"], a.max_position_embeddings
+            factor, trained = self.factor, a.max_position_embeddings
             length = context_lens.double().clamp(min=trained)
             base = a.theta * ((factor * length / trained) - (factor - 1)) ** (a.dim / (a.dim - 2))
             inv_freq = 1.0 / base[:, None] ** (torch.arange(0, a.dim, 2, dtype=torch.float64, device=base.device) / a.dim)
