@@ -32,7 +32,7 @@ class Family:
 
 
 def _window(cfg) -> int | None:
-    """The sliding window, when it can bind: one as long as the context changes nothing."""
+    """The sliding window, or None where it cannot bind (a window as long as the context changes nothing)."""
     window = getattr(cfg, "sliding_window", None)
     return window if window and window < cfg.max_position_embeddings else None
 
