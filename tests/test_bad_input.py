@@ -215,9 +215,9 @@ LOAD_CASES = {
         r"unsupported architecture GPT2LMHeadModel; supported architectures: LlamaForCausalLM, MistralForCausalLM, MixtralForCausalLM, "
         r"OPTForCausalLM, Phi3ForCausalLM, Qwen2ForCausalLM$",
     ),
-    "yarn rope scaling": (
-        lambda tf, tmp: save_tiny(tmp, tiny_config("llama", rope_scaling={"rope_type": "yarn", "factor": 2.0})) and str(tmp),
-        r"unsupported rope scaling 'yarn'; supported: default, linear, dynamic, llama3, longrope$",
+    "Gemma's proportional rope scaling": (
+        lambda tf, tmp: save_tiny(tmp, tiny_config("llama", rope_scaling={"rope_type": "proportional"})) and str(tmp),
+        r"unsupported rope scaling 'proportional'; supported: default, linear, dynamic, llama3, yarn, longrope$",
     ),
     "Qwen2 window on some layers": (
         lambda tf, tmp: save_tiny(tmp, tiny_config("qwen2", use_sliding_window=True, sliding_window=8, max_window_layers=1)) and str(tmp),

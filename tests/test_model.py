@@ -55,6 +55,7 @@ VARIANTS = {
     "llama-default-rope": Variant("llama"),
     "llama-tied-llama3-rope": Variant("llama", {"tie_word_embeddings": True, "rope_scaling": LLAMA3_ROPE}),
     "llama-linear-rope": Variant("llama", {"rope_scaling": {"rope_type": "linear", "factor": 2.0}}),
+    "llama-yarn-rope": Variant("llama", {"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}}),
     # trained context 32, served to 128: the NTK base grows once a sequence passes 32 tokens
     "llama-dynamic-rope": Variant("llama", {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, 32, {"max_model_len": 128}, True),
     "mistral-window-12": Variant("mistral", {"sliding_window": 12}),  # prompts here run to 75 tokens, pages hold 8

@@ -18,7 +18,7 @@ import torch
 
 from fastgen_compile.errors import ModelLoadError
 
-KINDS = ("default", "linear", "dynamic", "llama3", "longrope")
+KINDS = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
 
 
 @dataclass(frozen=True)
@@ -59,19 +59,44 @@ def _llama3(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:
     return torch.where(mid, smoothed, scaled)
 
 
+def _yarn(inv_freq: torch.Tensor, s: dict, theta: float, dim: int, max_positions: int) -> tuple[torch.Tensor, float]:
+    """YaRN: interpolate the low frequencies, keep the high ones, ramp between; and its attention factor."""
+    original = s["original_max_position_embeddings"]
+    factor = s.get("factor") or max_positions / original
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attention = s.get("attention_factor") or (
+        mscale(factor, s["mscale"]) / mscale(factor, s["mscale_all_dim"]) if s.get("mscale") and s.get("mscale_all_dim") else mscale(factor)
+    )
+
+    def correction_dim(rotations: float) -> float:
+        return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = correction_dim(s.get("beta_fast") or 32), correction_dim(s.get("beta_slow") or 1)
+    if s.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    ramp = ((torch.arange(dim // 2, dtype=torch.float64) - low) / ((high - low) or 0.001)).clamp(0, 1)
+    return inv_freq / factor * ramp + inv_freq * (1 - ramp), attention
+
+
 class Rope:
     """cos/sin for a step's rows, in the rotate-half layout, fp32."""
 
     def __init__(self, args: RopeArgs, device: torch.device):
         self.args, s = args, dict(args.params)
         inv_freq = _base_inv_freq(args.theta, args.dim)
-        self.scale = 1.0  # multiplies cos and sin (longrope's attention factor)
+        self.scale = 1.0  # multiplies cos and sin (yarn's and longrope's attention factor)
         if args.kind in ("linear", "dynamic"):
             self.factor = s["factor"]
         if args.kind == "linear":
             inv_freq = inv_freq / self.factor
         elif args.kind == "llama3":
             inv_freq = _llama3(inv_freq, s)
+        elif args.kind == "yarn":
+            inv_freq, self.scale = _yarn(inv_freq, s, args.theta, args.dim, args.max_position_embeddings)
         elif args.kind == "longrope":
             self.original_len = s["original_max_position_embeddings"]
             factor = s.get("factor") or args.max_position_embeddings / self.original_len
