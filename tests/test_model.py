@@ -300,6 +300,21 @@ def test_compiled_matches(name, tmp_path):
     assert tiny.engine.recompiles_since_warmup() == 0
 
 
+def test_sliding_window_lists_only_the_pages_in_reach(tmp_path):
+    """Window 12, pages of 8: a decode at position 75 sees 64..75, so its query block lists the page
+    of 64..71 whole (no mask_mod), the page of 72..79 partially, and none of the eight before."""
+    engine = make_tiny(tmp_path, "mistral-window-12").engine
+    engine.add_request(prompt_token_ids=random_ids(75, seed=40), params=SamplingParams(max_new_tokens=2, temperature=0, ignore_eos=True))
+    for _ in range(3):  # the prompt in chunks of 32, 32 and 11; the last samples the first token
+        engine.step()
+    (seq,) = engine.scheduler.running
+    plan = engine.scheduler.schedule()
+    assert [(c.start, c.num_tokens) for c in plan.chunks] == [(75, 1)]
+    lists = engine.pack(plan, pick_bucket(engine.config.buckets, engine.config.decode_rows, plan)).prompt_blocks
+    assert lists.full_num_blocks[0, 0, 0] == 1 and lists.full_indices[0, 0, 0, 0] == seq.block_table[8]
+    assert lists.kv_num_blocks[0, 0, 0] == 1 and lists.kv_indices[0, 0, 0, 0] == seq.block_table[9]
+
+
 @pytest.mark.parametrize("name", ["llama-default-rope", "mixtral", "opt-post-norm-projected"])
 def test_sharded_safetensors_folder_loads_and_matches(name, tmp_path):
     tiny = make_tiny(tmp_path, name, seed=7, max_shard_size="100KB")
