@@ -21,7 +21,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from fastgen_compile import LLM, EngineDied, ModelLoadError, RequestError, SamplingParams
 from fastgen_compile.models.loader import embedded_model_path, load
-from tiny_llama import VOCAB, one_torch_thread, save_tiny_llama  # noqa: F401 (autouse fixture)
+from tiny_llama import VOCAB, one_torch_thread, save_tiny, save_tiny_llama, tiny_config  # noqa: F401 (autouse fixture)
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 
@@ -212,7 +212,16 @@ LOAD_CASES = {
     "truncated gguf (first 100 bytes)": (lambda tf, tmp: truncated_gguf(tmp, 100), r"corrupt or truncated GGUF file"),
     "unsupported architecture (GPT-2)": (
         lambda tf, tmp: save_gpt2(tmp / "gpt2") or str(tmp / "gpt2"),
-        r"unsupported architecture 'GPT2LMHeadModel' \(model_type 'gpt2'\); supported model types: llama, mistral, qwen2",
+        r"unsupported architecture GPT2LMHeadModel; supported architectures: LlamaForCausalLM, MistralForCausalLM, MixtralForCausalLM, "
+        r"OPTForCausalLM, Phi3ForCausalLM, Qwen2ForCausalLM$",
+    ),
+    "Gemma's proportional rope scaling": (
+        lambda tf, tmp: save_tiny(tmp, tiny_config("llama", rope_scaling={"rope_type": "proportional"})) and str(tmp),
+        r"unsupported rope scaling 'proportional'; supported: default, linear, dynamic, llama3, yarn, longrope$",
+    ),
+    "Qwen2 window on some layers": (
+        lambda tf, tmp: save_tiny(tmp, tiny_config("qwen2", use_sliding_window=True, sliding_window=8, max_window_layers=1)) and str(tmp),
+        r"Qwen2 with a sliding window on some layers only \(max_window_layers=1\) is not supported$",
     ),
 }
 

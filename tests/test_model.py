@@ -1,10 +1,15 @@
-"""Our Llama (paged KV pool, FlexAttention, packed SplitFuse batches) against transformers' LlamaForCausalLM.
+"""Our decoder (paged KV pool, FlexAttention, packed SplitFuse batches) against transformers, for every family.
 
-A tiny random Llama is saved with save_pretrained and loaded through the engine's own HF-folder
-loader. The engine's scheduler, batch packing and runner are driven directly, teacher-forced
-along a fixed token sequence, so the logits of every computed position can be compared with
-HF's full-sequence logits: prefill in one pass, chunked prefill across steps, decode steps,
-and steps that mix decodes with prompt chunks of other sequences.
+A tiny random model of each family is saved with save_pretrained and loaded through the engine's
+own HF-folder loader. The engine's scheduler, batch packing and runner are driven directly,
+teacher-forced along a fixed token sequence, so the logits of every computed position can be
+compared with transformers': prefill in one pass, chunked prefill across steps, decode steps,
+and steps that mix decodes with prompt chunks of other sequences; then greedy generation
+through the real engine step, eager and compiled.
+
+The reference is HF's full-sequence forward, except for rope scalings whose frequencies depend
+on the forward call (dynamic NTK, longrope): there it is HF fed the same chunks with a KV cache
+(see docs/architecture.md, "Rope scaling that depends on the length").
 
 Tolerance: fp32 on both sides, logits of magnitude ~10; we require |ours - hf| <= ATOL + RTOL * |hf|
 with ATOL = 1e-4 and RTOL = 1e-5 (observed worst error ~3e-5).
@@ -20,22 +25,45 @@ from dataclasses import dataclass, field
 
 import pytest
 import torch
-from transformers import LlamaForCausalLM
+from transformers import AutoModelForCausalLM, DynamicCache, PreTrainedModel
 
 from fastgen_compile.batch import pick_bucket
 from fastgen_compile.engine import Engine
 from fastgen_compile.sampling import SamplingParams, new_generator
 from fastgen_compile.sequence import Sequence
-from tiny_llama import VOCAB, one_torch_thread, save_tiny_llama  # noqa: F401 (autouse fixture)
+from tiny_llama import VOCAB, one_torch_thread, save_tiny, save_tiny_gguf, tiny_config  # noqa: F401 (autouse fixture)
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 
 ATOL, RTOL = 1e-4, 1e-5
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+# Phi-3's longrope on a rotary half of each head (partial_rotary_factor 0.5: 8 dims, 4 frequencies); the
+# long factors take over once a sequence passes 32 tokens
+LONGROPE = {"rope_type": "longrope", "short_factor": [1.0, 1.2, 1.5, 2.0], "long_factor": [1.0, 2.0, 4.0, 8.0], "original_max_position_embeddings": 32}
+
+
+@dataclass(frozen=True)
+class Variant:
+    model_type: str
+    config: dict = field(default_factory=dict)
+    context: int = 256
+    engine: dict = field(default_factory=dict)  # EngineConfig overrides
+    rope_per_call: bool = False  # the rope scaling depends on the forward call: replay HF chunk by chunk
+
+
 VARIANTS = {
-    "untied-default-rope": {"tie_word_embeddings": False, "rope_scaling": None},
-    "tied-llama3-rope": {"tie_word_embeddings": True, "rope_scaling": LLAMA3_ROPE},
-    "untied-linear-rope": {"tie_word_embeddings": False, "rope_scaling": {"rope_type": "linear", "factor": 2.0}},
+    "llama-default-rope": Variant("llama"),
+    "llama-tied-llama3-rope": Variant("llama", {"tie_word_embeddings": True, "rope_scaling": LLAMA3_ROPE}),
+    "llama-linear-rope": Variant("llama", {"rope_scaling": {"rope_type": "linear", "factor": 2.0}}),
+    "llama-yarn-rope": Variant("llama", {"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}}),
+    # trained context 32, served to 128: the NTK base grows once a sequence passes 32 tokens
+    "llama-dynamic-rope": Variant("llama", {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, 32, {"max_model_len": 128}, True),
+    "mistral-window-12": Variant("mistral", {"sliding_window": 12}),  # prompts here run to 75 tokens, pages hold 8
+    "qwen2": Variant("qwen2"),
+    "phi3-longrope": Variant("phi3", {"partial_rotary_factor": 0.5, "rope_scaling": LONGROPE, "original_max_position_embeddings": 32}, rope_per_call=True),
+    "mixtral": Variant("mixtral", {"num_local_experts": 4, "num_experts_per_tok": 2}),
+    "opt-pre-norm": Variant("opt", {"do_layer_norm_before": True}),  # OPT-125m's shape
+    "opt-post-norm-projected": Variant("opt", {"do_layer_norm_before": False, "word_embed_proj_dim": 32}),  # OPT-350m's
 }
 # decode_rows=0: decodes share the prompt rows (conftest's engines cover a separate decode region)
 ENGINE_KW = {"dtype": "float32", "compile": False, "buckets": (16, 32), "decode_rows": 0, "page_size": 8, "q_block": 16, "kv_pages": 32, "max_seqs": 4}
@@ -43,13 +71,37 @@ ENGINE_KW = {"dtype": "float32", "compile": False, "buckets": (16, 32), "decode_
 _seq_ids = itertools.count(10_000)  # unique per process, so engines shared between tests never see an id twice
 
 
+@dataclass
+class Tiny:
+    hf: PreTrainedModel
+    engine: Engine
+    variant: Variant
+
+
+def make_tiny(folder, name: str, seed: int = 0, max_shard_size=None, **engine_kw) -> Tiny:
+    v = VARIANTS[name]
+    hf = save_tiny(folder, tiny_config(v.model_type, context=v.context, **v.config), seed=seed, max_shard_size=max_shard_size)
+    return Tiny(hf, Engine(model=str(folder), **(ENGINE_KW | v.engine | engine_kw)), v)
+
+
 def random_ids(n: int, seed: int) -> list[int]:
     return torch.randint(3, VOCAB, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
 @torch.no_grad()
-def hf_logits(hf: LlamaForCausalLM, ids: list[int]) -> torch.Tensor:
-    return hf(torch.tensor([ids])).logits[0].float()
+def hf_logits(hf: PreTrainedModel, ids: list[int], chunks: list[tuple[int, int]] | None = None) -> torch.Tensor:
+    """transformers' logits at every position of `ids`: one forward, or `chunks` (start, tokens)
+    replayed in order with a KV cache (a chunk at 0 starts over, as after a preemption)."""
+    if chunks is None:
+        return hf(torch.tensor([ids])).logits[0].float()
+    hf(torch.tensor([ids[:1]]))  # a call within the trained context resets dynamic rope's grown frequencies
+    rows: dict[int, torch.Tensor] = {}
+    cache = None
+    for start, n in chunks:
+        cache = DynamicCache(config=hf.config) if start == 0 else cache
+        logits = hf(torch.tensor([ids[start : start + n]]), cache=cache, use_cache=True).logits[0].float()
+        rows.update((start + i, logits[i]) for i in range(n))
+    return torch.stack([rows[p] for p in range(len(rows))])
 
 
 @dataclass
@@ -95,7 +147,7 @@ def drive(engine: Engine, requests: list[Request], max_steps: int = 500) -> list
         real_rows = torch.tensor([row + i for c, row in zip(plan.chunks, batch.chunk_rows) for i in range(c.num_tokens)])
         assert len(set(real_rows.tolist())) == plan.num_tokens and int(real_rows.max()) < batch.bucket
         logits = engine.runner.forward(dataclasses.replace(batch, sample_rows=real_rows))
-        assert logits.shape == (plan.num_tokens, VOCAB) and logits.dtype == torch.float32
+        assert logits.shape == (plan.num_tokens, engine.model.args.vocab_size) and logits.dtype == torch.float32
         engine.scheduler.update(plan)
         samplers = [c.seq for c in plan.chunks if c.samples]
         row = 0
@@ -117,156 +169,215 @@ def drive(engine: Engine, requests: list[Request], max_steps: int = 500) -> list
     return log
 
 
-def assert_matches_hf(hf: LlamaForCausalLM, r: Request) -> None:
+def chunks_of(r: Request, log: list[StepLog]) -> list[tuple[int, int]]:
+    return [(start, n) for step in log for rr, start, n, _ in step.chunks if rr is r]
+
+
+def assert_matches_hf(tiny: Tiny, r: Request, log: list[StepLog]) -> None:
     positions = sorted(r.logits)
     assert positions == list(range(len(r.full) - 1)), "some position was never computed"
-    ref = hf_logits(hf, r.full)
+    ref = hf_logits(tiny.hf, r.full, chunks_of(r, log) if tiny.variant.rope_per_call else None)
     got = torch.stack([r.logits[p] for p in positions])
     torch.testing.assert_close(got, ref[positions], atol=ATOL, rtol=RTOL)
 
 
+def greedy_through_engine_step(engine: Engine, prompts: list[list[int]], max_new_tokens: int) -> list[tuple[list[int], list[tuple[int, int]]]]:
+    """The real path (add_request + step + sampler): each prompt's tokens, and the chunks it was computed in."""
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0, ignore_eos=True)
+    rids = [engine.add_request(prompt_token_ids=p, params=params) for p in prompts]
+    final, chunks = {}, {rid: [] for rid in rids}
+    schedule = engine.scheduler.schedule
+
+    def recording_schedule():
+        plan = schedule()
+        for c in plan.chunks:
+            chunks[c.seq.seq_id].append((c.start, c.num_tokens))
+        return plan
+
+    engine.scheduler.schedule = recording_schedule
+    try:
+        for _ in range(200):
+            final.update((out.request_id, out) for out in engine.step())
+            if not engine.has_work():
+                break
+    finally:
+        del engine.scheduler.schedule
+    assert not engine.has_work()
+    for rid in rids:
+        assert final[rid].finished and final[rid].finish_reason == "length" and len(final[rid].token_ids) == max_new_tokens
+    return [(final[rid].token_ids, chunks[rid]) for rid in rids]
+
+
+def assert_greedy_matches_hf(tiny: Tiny) -> None:
+    """Several prompts split and fused in one engine: every greedy token is HF's argmax (up to near-ties)."""
+    prompts = [random_ids(n, seed=20 + n) for n in (7, 40, 3)]
+    results = greedy_through_engine_step(tiny.engine, prompts, 10)
+    assert any(start > 0 and n > 1 for start, n in results[1][1]), "the 40-token prompt was not split"
+    for prompt, (tokens, chunks) in zip(prompts, results):
+        ref = hf_logits(tiny.hf, prompt + tokens, chunks if tiny.variant.rope_per_call else None)
+        for i, tok in enumerate(tokens):
+            row = ref[len(prompt) - 1 + i]
+            assert row[tok] >= row.max() - 10 * ATOL, f"token {i}: {tok} is not HF's argmax {row.argmax().item()}"
+
+
 @pytest.fixture(scope="module", params=list(VARIANTS))
-def tiny(request, tmp_path_factory):
-    folder = tmp_path_factory.mktemp(request.param)
-    hf = save_tiny_llama(folder, **VARIANTS[request.param])
-    engine = Engine(model=str(folder), **ENGINE_KW)
-    return hf, engine
+def tiny(request, tmp_path_factory) -> Tiny:
+    return make_tiny(tmp_path_factory.mktemp(request.param), request.param)
 
 
 def test_loaded_config_matches(tiny):
-    hf, engine = tiny
-    args = engine.model.args
-    assert (args.vocab_size, args.hidden_size, args.num_layers, args.num_heads, args.num_kv_heads, args.head_dim) == (VOCAB, 64, 2, 4, 2, 16)
+    hf, model = tiny.hf, tiny.engine.model
+    args = model.args
+    kv_heads = getattr(hf.config, "num_key_value_heads", hf.config.num_attention_heads)
+    assert (args.vocab_size, args.hidden_size, args.num_layers, args.num_heads, args.num_kv_heads, args.head_dim) == (VOCAB, 64, 2, 4, kv_heads, 16)
     assert args.tie_word_embeddings == hf.config.tie_word_embeddings
     if args.tie_word_embeddings:
-        assert engine.model.lm_head is engine.model.embed
+        assert model.lm_head is model.embed
     else:
-        torch.testing.assert_close(engine.model.lm_head, hf.lm_head.weight, atol=0, rtol=0)
-    torch.testing.assert_close(engine.model.embed, hf.model.embed_tokens.weight, atol=0, rtol=0)
+        torch.testing.assert_close(model.lm_head, hf.get_output_embeddings().weight, atol=0, rtol=0)
+    torch.testing.assert_close(model.embed, hf.get_input_embeddings().weight, atol=0, rtol=0)
 
 
 def test_one_shot_prefill(tiny):
-    hf, engine = tiny
     r = Request(random_ids(25, seed=1), prompt_len=24)
-    log = drive(engine, [r])
+    log = drive(tiny.engine, [r])
     assert [(s, n) for _, s, n, _ in log[0].chunks] == [(0, 24)], "the whole prompt should run in one pass"
-    assert_matches_hf(hf, r)
+    assert_matches_hf(tiny, r, log)
 
 
 def test_several_prompts_packed_in_one_pass(tiny):
-    hf, engine = tiny
     reqs = [Request(random_ids(n + 1, seed=10 + n), prompt_len=n) for n in (8, 10, 13)]  # 31 tokens <= budget 32
-    log = drive(engine, reqs)
+    log = drive(tiny.engine, reqs)
     assert [(rr.prompt_len, s, n) for rr, s, n, _ in log[0].chunks] == [(8, 0, 8), (10, 0, 10), (13, 0, 13)]
     for r in reqs:
-        assert_matches_hf(hf, r)
+        assert_matches_hf(tiny, r, log)
 
 
 def test_chunked_prefill(tiny):
-    hf, engine = tiny
     r = Request(random_ids(76, seed=2), prompt_len=75)
-    log = drive(engine, [r])
+    log = drive(tiny.engine, [r])
     assert [(s, n) for step in log for _, s, n, _ in step.chunks] == [(0, 32), (32, 32), (64, 11)]
-    assert_matches_hf(hf, r)
+    assert_matches_hf(tiny, r, log)
 
 
 def test_decode_steps_beside_prompt_chunks(tiny):
     """A decodes for 14 steps; B (a 50-token prompt) and C arrive later and are prefilled beside A's decodes."""
-    hf, engine = tiny
     a = Request(random_ids(9 + 14, seed=3), prompt_len=9)
     b = Request(random_ids(50 + 6, seed=4), prompt_len=50, add_at_step=3)
     c = Request(random_ids(5 + 10, seed=5), prompt_len=5, add_at_step=4)
-    log = drive(engine, [a, b, c])
+    log = drive(tiny.engine, [a, b, c])
     a_decodes = sum(1 for step in log for rr, _, n, dec in step.chunks if rr is a and dec)
     assert a_decodes == 13  # 14 tokens: the first comes from the prefill pass
     mixed = [step for step in log if any(dec for *_, dec in step.chunks) and any(not dec and n > 1 for *_, n, dec in step.chunks)]
     assert len(mixed) >= 2, "no step mixed decodes with prompt chunks"
     assert any(rr is b and s > 0 for step in log for rr, s, _, _ in step.chunks), "B's prompt was not chunked"
     for r in (a, b, c):
-        assert_matches_hf(hf, r)
+        assert_matches_hf(tiny, r, log)
 
 
 def test_greedy_generation_through_engine_step(tiny):
-    """The real path: add_request + step + sampler. Every greedy token is HF's argmax (up to near-ties)."""
-    hf, engine = tiny
-    prompts = [random_ids(n, seed=20 + n) for n in (7, 40, 3)]
-    params = SamplingParams(max_new_tokens=10, temperature=0, ignore_eos=True)
-    rids = [engine.add_request(prompt_token_ids=p, params=params) for p in prompts]
-    final = {}
-    for _ in range(100):
-        for out in engine.step():
-            final[out.request_id] = out
-        if not engine.has_work():
-            break
-    assert not engine.has_work()
-    for rid, prompt in zip(rids, prompts):
-        out = final[rid]
-        assert out.finished and out.finish_reason == "length" and len(out.token_ids) == 10
-        ref = hf_logits(hf, prompt + out.token_ids)
-        for i, tok in enumerate(out.token_ids):
-            row = ref[len(prompt) - 1 + i]
-            assert row[tok] >= row.max() - 10 * ATOL, f"request {rid} token {i}: {tok} is not HF's argmax {row.argmax().item()}"
+    assert_greedy_matches_hf(tiny)
 
 
-def test_sharded_safetensors_folder_loads_and_matches(tmp_path):
-    hf = save_tiny_llama(tmp_path, max_shard_size="100KB", seed=7)
+# one compiled engine per family (each compile costs 3-20 s on this CPU): the llama rope variants
+# share Llama's graph (cos/sin are inputs); OPT's post-norm variant runs eager only
+COMPILED = ["llama-tied-llama3-rope", "mistral-window-12", "qwen2", "phi3-longrope", "mixtral", "opt-pre-norm"]
+
+
+@pytest.mark.parametrize("name", COMPILED)
+def test_compiled_matches(name, tmp_path):
+    """compile=True (per-bucket torch.compile of the layer with FlexAttention), one bucket:
+    prefill + chunk + decodes teacher-forced, then greedy generation of split and fused prompts."""
+    tiny = make_tiny(tmp_path, name, compile=True, buckets=(16,))
+    assert tiny.engine.warm and tiny.engine.runner.graphs_compiled == 1
+    a = Request(random_ids(12 + 8, seed=11), prompt_len=12)
+    b = Request(random_ids(9 + 5, seed=12), prompt_len=9, add_at_step=1)  # 12 + 9 > 16: chunked beside a decode
+    log = drive(tiny.engine, [a, b])
+    assert any(rr is b and s > 0 for step in log for rr, s, _, _ in step.chunks)
+    for r in (a, b):
+        assert_matches_hf(tiny, r, log)
+    assert_greedy_matches_hf(tiny)
+    assert tiny.engine.recompiles_since_warmup() == 0
+
+
+def test_sliding_window_lists_only_the_pages_in_reach(tmp_path):
+    """Window 12, pages of 8: a decode at position 75 sees 64..75, so its query block lists the page
+    of 64..71 whole (no mask_mod), the page of 72..79 partially, and none of the eight before."""
+    engine = make_tiny(tmp_path, "mistral-window-12").engine
+    engine.add_request(prompt_token_ids=random_ids(75, seed=40), params=SamplingParams(max_new_tokens=2, temperature=0, ignore_eos=True))
+    for _ in range(3):  # the prompt in chunks of 32, 32 and 11; the last samples the first token
+        engine.step()
+    (seq,) = engine.scheduler.running
+    plan = engine.scheduler.schedule()
+    assert [(c.start, c.num_tokens) for c in plan.chunks] == [(75, 1)]
+    lists = engine.pack(plan, pick_bucket(engine.config.buckets, engine.config.decode_rows, plan)).prompt_blocks
+    assert lists.full_num_blocks[0, 0, 0] == 1 and lists.full_indices[0, 0, 0, 0] == seq.block_table[8]
+    assert lists.kv_num_blocks[0, 0, 0] == 1 and lists.kv_indices[0, 0, 0, 0] == seq.block_table[9]
+
+
+@pytest.mark.parametrize("name", ["llama-default-rope", "mixtral", "opt-post-norm-projected"])
+def test_sharded_safetensors_folder_loads_and_matches(name, tmp_path):
+    tiny = make_tiny(tmp_path, name, seed=7, max_shard_size="100KB")
     index = tmp_path / "model.safetensors.index.json"
     assert index.is_file() and not (tmp_path / "model.safetensors").exists()
     shards = set(json.loads(index.read_text())["weight_map"].values())
     assert len(shards) >= 3 and all((tmp_path / s).is_file() for s in shards)
-    engine = Engine(model=str(tmp_path), **ENGINE_KW)
-    for name, p in hf.named_parameters():  # every HF tensor made it into our fused layout
-        if name == "model.layers.1.self_attn.k_proj.weight":
-            q, k, v = engine.model.layers[1].wqkv.split([64, 32, 32])
-            torch.testing.assert_close(k, p, atol=0, rtol=0)
-        if name == "model.layers.0.mlp.up_proj.weight":
-            torch.testing.assert_close(engine.model.layers[0].w_gate_up[128:], p, atol=0, rtol=0)
     reqs = [Request(random_ids(30 + 5, seed=8), prompt_len=30), Request(random_ids(40 + 3, seed=9), prompt_len=40)]
-    drive(engine, reqs)
+    log = drive(tiny.engine, reqs)
     for r in reqs:
-        assert_matches_hf(hf, r)
+        assert_matches_hf(tiny, r, log)
 
 
-def test_compiled_flex_attention_matches(tmp_path):
-    """compile=True (per-bucket torch.compile of the layer with FlexAttention): one bucket, prefill + chunk + decodes."""
-    hf = save_tiny_llama(tmp_path, **VARIANTS["tied-llama3-rope"])
-    engine = Engine(model=str(tmp_path), **(ENGINE_KW | {"compile": True, "buckets": (16,)}))
-    assert engine.warm
-    a = Request(random_ids(12 + 8, seed=11), prompt_len=12)
-    b = Request(random_ids(9 + 5, seed=12), prompt_len=9, add_at_step=1)  # 12 + 9 > 16: chunked beside a decode
-    log = drive(engine, [a, b])
-    assert any(rr is b and s > 0 for step in log for rr, s, _, _ in step.chunks)
-    for r in (a, b):
-        assert_matches_hf(hf, r)
+@pytest.mark.parametrize("model_type", ["qwen2", "phi3"])  # Llama's GGUF path: the embedded model (test_equality.py)
+def test_gguf_loads_like_transformers(model_type, tmp_path):
+    """A GGUF file as llama.cpp lays it out (Phi-3's fused tensors, Qwen2's biases and plain q/k
+    rows): our logits match transformers' reading of the same file."""
+    hf = save_tiny(tmp_path, tiny_config(model_type))
+    save_tiny_gguf(tmp_path / "tiny.gguf", hf)
+    ref = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="tiny.gguf", dtype=torch.float32).eval()
+    assert type(ref) is type(hf)
+    tiny = Tiny(ref, Engine(model=str(tmp_path / "tiny.gguf"), **ENGINE_KW), Variant(model_type))
+    reqs = [Request(random_ids(40 + 4, seed=13), prompt_len=40), Request(random_ids(9 + 6, seed=14), prompt_len=9, add_at_step=1)]
+    log = drive(tiny.engine, reqs)
+    for r in reqs:
+        assert_matches_hf(tiny, r, log)
+
+
+def test_checkpoint_tensors_land_in_the_fused_layout(tmp_path):
+    """Every HF tensor made it into our fused layout: q/k/v rows, gate/up rows, experts stacked."""
+    tiny = make_tiny(tmp_path, "mixtral")
+    hf, model = tiny.hf.state_dict(), tiny.engine.model
+    q, k, v = model.layers[1].wqkv.split([64, 32, 32])
+    torch.testing.assert_close(k, hf["model.layers.1.self_attn.k_proj.weight"], atol=0, rtol=0)
+    gate, up = model.layers[0].w_up[2].split(128)  # expert 2
+    torch.testing.assert_close(up, hf["model.layers.0.mlp.experts.gate_up_proj"][2, 128:], atol=0, rtol=0)
+    torch.testing.assert_close(gate, hf["model.layers.0.mlp.experts.gate_up_proj"][2, :128], atol=0, rtol=0)
+    torch.testing.assert_close(model.layers[0].router, hf["model.layers.0.mlp.gate.weight"], atol=0, rtol=0)
 
 
 def test_logits_match_after_preemption_and_page_reuse(tmp_path):
-    hf = save_tiny_llama(tmp_path, seed=3)
-    engine = Engine(model=str(tmp_path), **(ENGINE_KW | {"kv_pages": 11}))  # 80 slots: three sequences cannot all fit
+    tiny = make_tiny(tmp_path, "llama-default-rope", seed=3, kv_pages=11)  # 80 slots: three sequences cannot all fit
     reqs = [
         Request(random_ids(40, seed=21), prompt_len=10),
         Request(random_ids(75, seed=22), prompt_len=70),
         Request(random_ids(30, seed=23), prompt_len=29),
     ]
-    drive(engine, reqs)
+    log = drive(tiny.engine, reqs)
     assert sum(r.seq.num_preemptions for r in reqs) > 0, "the small pool should force preemption"
     for r in reqs:
-        assert_matches_hf(hf, r)
+        assert_matches_hf(tiny, r, log)
 
 
-def test_engine_model_has_no_stray_weights(tmp_path):
+def test_engine_model_has_no_stray_weights(tiny):
     """Every parameter came from the checkpoint (nothing left on the meta device or uninitialised)."""
-    save_tiny_llama(tmp_path, seed=5)
-    engine = Engine(model=str(tmp_path), **ENGINE_KW)
-    for name, p in engine.model.named_parameters():
+    for name, p in tiny.engine.model.named_parameters():
         assert p.device.type == "cpu" and p.dtype == torch.float32, name
         assert torch.isfinite(p).all(), name
-    assert os.path.basename(str(tmp_path)) == engine.model_name
+    assert tiny.engine.model_name == os.path.basename(tiny.engine.config.model)
 
 
 def test_step_stats_split_prompt_and_decode_tokens(tmp_path):
-    save_tiny_llama(tmp_path, seed=4)
-    engine = Engine(model=str(tmp_path), **ENGINE_KW)
+    engine = make_tiny(tmp_path, "llama-default-rope", seed=4).engine
     engine.add_request(prompt_token_ids=random_ids(33, seed=30), params=SamplingParams(max_new_tokens=3, temperature=0, ignore_eos=True))
     while engine.has_work():
         engine.step()

@@ -18,8 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fastgen_compile import LLM, SamplingParams
-from fastgen_compile.cli import add_engine_flags, engine_overrides
-from fastgen_compile.corpus import prompts_of_lengths
+from fastgen_compile.bench.workload import add_engine_flags, engine_overrides, prompts_of_lengths
 from fastgen_compile.models.loader import embedded_model_path
 
 

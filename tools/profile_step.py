@@ -10,8 +10,7 @@ import time
 
 from torch.profiler import ProfilerActivity, profile
 
-from fastgen_compile.cli import add_engine_flags, engine_overrides
-from fastgen_compile.corpus import prompts_of_lengths
+from fastgen_compile.bench.workload import add_engine_flags, engine_overrides, prompts_of_lengths
 from fastgen_compile.engine import Engine
 from fastgen_compile.sampling import SamplingParams
 

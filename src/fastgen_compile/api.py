@@ -56,9 +56,12 @@ class LLM:
         listeners = [self._submit(seq) for seq in seqs]
         return [self._last(rid, q) for rid, q in listeners]
 
-    def stream(self, prompt: str, sampling_params: SamplingParams | None = None) -> Iterator[RequestOutput]:
+    def stream(self, prompt: str | None = None, sampling_params: SamplingParams | None = None, *,
+               prompt_token_ids: list[int] | None = None) -> Iterator[RequestOutput]:
         """Yields one output per new token; closing or dropping it early aborts the request."""
-        rid, q = self._submit(self.engine.new_sequence(prompt, sampling_params))
+        if (prompt is None) == (prompt_token_ids is None):
+            raise RequestError("give exactly one of prompt and prompt_token_ids")
+        rid, q = self._submit(self.engine.new_sequence(prompt, sampling_params, prompt_token_ids))
         return RequestStream(self, rid, self._follow(rid, q))
 
     def chat(self, messages: list[dict[str, str]], sampling_params: SamplingParams | None = None) -> RequestOutput:

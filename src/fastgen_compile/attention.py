@@ -3,7 +3,8 @@
 The KV pool of a layer is one tensor of `num_slots = pages * page_size` rows. Every
 slot remembers which sequence wrote it and at which position (`slot_seq`, `slot_pos`);
 every query row knows its sequence and position (`q_seq`, `q_pos`). One `mask_mod` per
-region over those persistent tensors says "same sequence and not in the future"; the
+region over those persistent tensors says "same sequence and not in the future" (and,
+with a sliding window, "not too far in the past"); the
 block masks' page lists name, per query block, only the pages of the sequences in it,
 so the kernel touches nothing else. Shapes are fixed per bucket; only contents change.
 
@@ -21,9 +22,13 @@ from fastgen_compile.batch import Batch, BlockLists
 
 
 class PagedAttention:
-    def __init__(self, num_pages: int, page_size: int, max_tokens: int, decode_rows: int, q_block: int, group: int, device: torch.device):
+    def __init__(
+        self, num_pages: int, page_size: int, max_tokens: int, decode_rows: int, q_block: int, group: int, window: int | None, device: torch.device
+    ):
         """group: query heads per KV head. Each group is folded into the query rows (one
-        kernel row per token and head of the group), so a page is read once per KV head."""
+        kernel row per token and head of the group), so a page is read once per KV head.
+        window: a query sees keys less than this many positions back (None: all); a
+        static property of the compiled graph, like the rest of the mask."""
         self.page_size, self.decode_rows, self.q_block, self.group = page_size, decode_rows, q_block, group
         self.num_slots = num_pages * page_size
         self.q_seq = torch.full((max_tokens,), -1, dtype=torch.int32, device=device)
@@ -32,13 +37,15 @@ class PagedAttention:
         self.slot_pos = torch.zeros(self.num_slots, dtype=torch.int32, device=device)
         q_seq, q_pos, slot_seq, slot_pos = self.q_seq, self.q_pos, self.slot_seq, self.slot_pos
 
+        def visible(q, kv):
+            seen = (q_seq[q] == slot_seq[kv]) & (slot_pos[kv] <= q_pos[q])
+            return seen if window is None else seen & (q_pos[q] - slot_pos[kv] < window)
+
         def decode_mask(b, h, q_idx, kv_idx):
-            q = q_idx // group
-            return (q_seq[q] == slot_seq[kv_idx]) & (slot_pos[kv_idx] <= q_pos[q])
+            return visible(q_idx // group, kv_idx)
 
         def prompt_mask(b, h, q_idx, kv_idx):
-            q = q_idx // group + decode_rows
-            return (q_seq[q] == slot_seq[kv_idx]) & (slot_pos[kv_idx] <= q_pos[q])
+            return visible(q_idx // group + decode_rows, kv_idx)
 
         # fixed function objects for the engine's life: a new closure per step would retrace
         self.decode_mask_mod, self.prompt_mask_mod = decode_mask, prompt_mask

@@ -29,6 +29,7 @@ class Batch:
     decode_rows: int
     input_ids: torch.Tensor  # (bucket,) int64
     positions: torch.Tensor  # (bucket,) int32
+    context_lens: torch.Tensor  # (bucket,) int32, the row's sequence length at the end of its chunk (rope scaling)
     slots: torch.Tensor  # (bucket,) int64, KV slot each token writes
     q_seq: torch.Tensor  # (bucket,) int32, owner of each row (-1: padding)
     decode_blocks: BlockLists | None
@@ -46,9 +47,11 @@ def pick_bucket(buckets: tuple[int, ...], decode_rows: int, plan: StepPlan) -> i
     raise ValueError(f"{need} rows exceed the largest bucket {buckets[-1]}")
 
 
-def pack(plan: StepPlan, bucket: int, decode_rows: int, page_size: int, q_block: int, num_pages: int) -> Batch:
+def pack(plan: StepPlan, bucket: int, decode_rows: int, page_size: int, q_block: int, num_pages: int, window: int | None = None) -> Batch:
+    """window: the model's sliding window; pages wholly out of a block's window are not listed."""
     input_ids = np.zeros(bucket, dtype=np.int64)
     positions = np.zeros(bucket, dtype=np.int32)
+    context_lens = np.zeros(bucket, dtype=np.int32)
     slots = np.full(bucket, SCRATCH_PAGE * page_size, dtype=np.int64)
     q_seq = np.full(bucket, -1, dtype=np.int32)
     # rows in plan order: decodes fill the decode region, prompt chunks the rest
@@ -71,18 +74,26 @@ def pack(plan: StepPlan, bucket: int, decode_rows: int, page_size: int, q_block:
             pages = np.asarray(seq.block_table, dtype=np.int32)
             input_ids[at : at + n] = seq.token_ids(chunk.start, chunk.start + n)
             positions[at : at + n] = pos
+            context_lens[at : at + n] = chunk.start + n
             slots[at : at + n] = pages[pos // page_size] * page_size + pos % page_size
             q_seq[at : at + n] = seq.kv_id
-            # each query block lists the pages its tokens of this sequence can see (causal);
-            # a block holding only this sequence sees the pages before its first token whole
+            # each query block lists the pages its tokens of this sequence can see (causal, in
+            # the window); a block holding only this sequence sees some of them whole: those
+            # up to its first token and, with a window, within reach of its last token
             blocks = np.arange(row // block, (row + n - 1) // block + 1)
-            first = np.maximum(blocks * block, row)
-            last = np.minimum((blocks + 1) * block, row + n) - 1
+            first = chunk.start + np.maximum(blocks * block, row) - row  # positions of the block's first
+            last = chunk.start + np.minimum((blocks + 1) * block, row + n) - 1 - row  # and last token
             alone = (blocks * block >= row) & (np.minimum((blocks + 1) * block, region_tokens) <= row + n)
-            n_full = np.where(alone, (chunk.start + first - row + 1) // page_size, 0)
-            n_visible = (chunk.start + last - row) // page_size + 1
-            full.extend(blocks, np.zeros_like(n_full), n_full, pages)
-            partial.extend(blocks, n_full, n_visible, pages)
+            if window is None:
+                lo = full_lo = np.zeros_like(blocks)
+            else:  # a token at q sees q - window < p <= q
+                lo = np.maximum(first - window + 1, 0) // page_size
+                full_lo = np.maximum(-(-(last - window + 1) // page_size), lo)
+            full_hi = np.where(alone, np.maximum((first + 1) // page_size, full_lo), full_lo)
+            n_visible = last // page_size + 1
+            full.extend(blocks, full_lo, full_hi, pages)
+            partial.extend(blocks, lo, full_lo, pages)
+            partial.extend(blocks, full_hi, n_visible, pages)
         lists.append(BlockLists(partial.counts(), partial.indices(), full.counts(), full.indices()))
     sample_rows = [row + c.num_tokens - 1 for c, row in zip(plan.chunks, chunk_rows) if c.samples]
     return Batch(
@@ -90,6 +101,7 @@ def pack(plan: StepPlan, bucket: int, decode_rows: int, page_size: int, q_block:
         decode_rows=decode_rows,
         input_ids=torch.from_numpy(input_ids),
         positions=torch.from_numpy(positions),
+        context_lens=torch.from_numpy(context_lens),
         slots=torch.from_numpy(slots),
         q_seq=torch.from_numpy(q_seq),
         decode_blocks=lists[0],

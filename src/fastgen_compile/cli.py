@@ -1,5 +1,5 @@
 """The `fastgen-compile` command: `generate` streams one answer, `demo` shows continuous batching,
-`chat` is the interactive console (console.py)."""
+`chat` is the interactive console (console.py), `bench` measures serving."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from fastgen_compile.api import LLM
+from fastgen_compile.bench import run as bench_run
+from fastgen_compile.bench.workload import add_engine_flags, engine_overrides
 from fastgen_compile.config import DTYPES
 from fastgen_compile.console import ChatConsole
 from fastgen_compile.errors import FastGenError
@@ -126,24 +128,6 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_engine_flags(parser: argparse.ArgumentParser) -> None:
-    """Engine knobs a command may override; unset ones keep EngineConfig's defaults."""
-    g = parser.add_argument_group("engine (default: EngineConfig's)")
-    g.add_argument("--buckets", type=int, nargs="+", help="row counts the forward pass is compiled for")
-    g.add_argument("--decode-rows", type=int)
-    g.add_argument("--page-size", type=int)
-    g.add_argument("--q-block", type=int)
-    g.add_argument("--kv-dtype")
-    g.add_argument("--kv-pages", type=int, help="KV pool size in pages")
-    g.add_argument("--max-seqs", type=int)
-
-
-def engine_overrides(args: argparse.Namespace) -> dict:
-    knobs = {"buckets": args.buckets and tuple(args.buckets), "decode_rows": args.decode_rows, "page_size": args.page_size,
-             "q_block": args.q_block, "kv_dtype": args.kv_dtype, "kv_pages": args.kv_pages, "max_seqs": args.max_seqs}
-    return {k: v for k, v in knobs.items() if v is not None}
-
-
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fastgen-compile", description="Dynamic SplitFuse LLM serving as a torch.compile graph engine.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -179,6 +163,10 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--plain", action="store_true", help="plain text, no live panel (the default when stdout is not a terminal)")
     c.add_argument("--script", type=argparse.FileType("r"), metavar="FILE", help="read the user's turns and commands from FILE, one per line")
     c.set_defaults(run=cmd_chat)
+
+    b = sub.add_parser("bench", help="serving benchmark: SplitFuse vs prefill-first vs transformers under load, SLA metrics, plots")
+    bench_run.add_arguments(b)
+    b.set_defaults(run=bench_run.main)
     return p
 
 

@@ -22,7 +22,7 @@ from rich.table import Table
 from rich.text import Text
 
 from fastgen_compile.api import LLM, EngineDied, RequestStream
-from fastgen_compile.corpus import corpus, random_slices
+from fastgen_compile.bench.workload import corpus, random_slices
 from fastgen_compile.engine import EngineSnapshot, StepStats
 from fastgen_compile.errors import CommandError, FastGenError
 from fastgen_compile.sampling import SamplingParams

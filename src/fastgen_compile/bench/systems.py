@@ -1,0 +1,103 @@
+"""The systems a benchmark compares, each behind the same streaming call.
+
+fastgen-compile (SplitFuse, or prefill-first: the paper's comparison, same engine otherwise)
+and transformers' continuous batching (`ContinuousBatchingManager`, streaming) as the outside
+baseline. All run greedy with eos ignored, so every system generates the same token counts.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import queue
+import threading
+from collections.abc import Iterator
+
+import torch
+
+from fastgen_compile.api import LLM
+from fastgen_compile.bench.workload import Request
+from fastgen_compile.models.loader import embedded_model_path
+from fastgen_compile.sampling import SamplingParams
+
+# engines users might compare against; none is a dependency, so each is skipped when absent
+OTHER_ENGINES = ("vllm", "llama_cpp", "sglang")
+
+
+def transformers_source(model: str | None) -> tuple[str, dict]:
+    """from_pretrained's folder and kwargs for an HF folder or a .gguf file (default: the embedded model)."""
+    path = model or embedded_model_path()
+    if path.endswith(".gguf"):
+        return os.path.dirname(path), {"gguf_file": os.path.basename(path)}
+    return path, {}
+
+
+def missing_engines() -> list[str]:
+    return [name for name in OTHER_ENGINES if importlib.util.find_spec(name) is None]
+
+
+class FastgenSystem:
+    def __init__(self, model: str | None, dtype: str, policy: str, **engine):
+        self.name = f"fastgen {policy}"
+        self.llm = LLM(model, dtype=dtype, policy=policy, **engine)
+        self.config = self.llm.engine.config
+
+    def stream(self, request: Request) -> Iterator[int]:
+        params = SamplingParams(max_new_tokens=request.max_new_tokens, temperature=0.0, ignore_eos=True)
+        for out in self.llm.stream(prompt_token_ids=request.prompt_token_ids, sampling_params=params):
+            yield len(out.delta_token_ids)
+
+    def close(self) -> None:
+        self.llm.close()
+
+
+class TransformersSystem:
+    """transformers' ContinuousBatchingManager; one router thread hands each request its outputs."""
+
+    name = "transformers CB"
+
+    def __init__(self, model: str | None, dtype: str):
+        from transformers import AutoModelForCausalLM, GenerationConfig
+
+        folder, kwargs = transformers_source(model)
+        self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype), **kwargs).eval()
+        # eos_token_id=-1: no stop token, as ignore_eos for our engine
+        config = GenerationConfig(do_sample=False, eos_token_id=-1, pad_token_id=self.model.config.eos_token_id)
+        self.manager = self.model.init_continuous_batching(generation_config=config)
+        self.manager.start()
+        self._outputs: dict[str, queue.SimpleQueue] = {}
+        self._lock = threading.Lock()
+        self._running = True
+        self._router = threading.Thread(target=self._route, name="transformers-router", daemon=True)
+        self._router.start()
+
+    def _route(self) -> None:
+        while self._running:
+            out = self.manager.get_result(timeout=0.1)
+            if out is not None:
+                with self._lock:
+                    q = self._outputs.get(out.request_id)
+                if q is not None:
+                    q.put(out)
+
+    def stream(self, request: Request) -> Iterator[int]:
+        q: queue.SimpleQueue = queue.SimpleQueue()
+        with self._lock:
+            rid = f"bench-{len(self._outputs)}"
+            self._outputs[rid] = q
+        self.manager.add_request(request.prompt_token_ids, request_id=rid, max_new_tokens=request.max_new_tokens, streaming=True)
+        seen = 0
+        while True:
+            out = q.get()
+            if out.error:
+                raise RuntimeError(out.error)
+            if len(out.generated_tokens) > seen:
+                yield len(out.generated_tokens) - seen
+                seen = len(out.generated_tokens)
+            if out.is_finished():
+                return
+
+    def close(self) -> None:
+        self._running = False
+        self._router.join()
+        self.manager.stop(block=True)
