@@ -19,8 +19,8 @@ import pytest
 from rich.console import Console
 
 from fastgen_compile import SamplingParams
+from fastgen_compile.bench.workload import corpus
 from fastgen_compile.console import CHART_WIDTH, ChatConsole, step_bar
-from fastgen_compile.corpus import corpus
 from fastgen_compile.engine import StepStats
 
 GREEDY = SamplingParams(max_new_tokens=8, temperature=0)
