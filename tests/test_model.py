@@ -27,6 +27,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache, PreTrainedModel
 
+from fastgen_compile import engine as engine_module
 from fastgen_compile.batch import pick_bucket
 from fastgen_compile.engine import Engine
 from fastgen_compile.sampling import SamplingParams, new_generator
@@ -383,3 +384,26 @@ def test_step_stats_split_prompt_and_decode_tokens(tmp_path):
         engine.step()
     # 33 prompt tokens over a budget of 32, then two decodes
     assert [(s.prompt_tokens, s.decode_tokens) for s in engine.step_stats] == [(32, 0), (1, 0), (0, 1), (0, 1)]
+
+
+def test_step_stats_keep_the_newest_steps_and_count_them_all(tmp_path, monkeypatch):
+    monkeypatch.setattr(engine_module, "STEP_HISTORY", 3)
+    engine = make_tiny(tmp_path, "llama-default-rope", seed=4).engine
+    engine.add_request(prompt_token_ids=random_ids(33, seed=30), params=SamplingParams(max_new_tokens=3, temperature=0, ignore_eos=True))
+    engine.add_request(prompt_token_ids=random_ids(5, seed=31), params=SamplingParams(max_new_tokens=1, temperature=0))
+    engine.step()
+    # the budget of 32 held only the first prompt's first 32 tokens (4 pages of 8); the second prompt waits
+    snap = engine.snapshot()
+    assert (snap.running, snap.waiting, snap.pages_used, snap.pages_free) == (1, 1, 4, engine.blocks.num_pages - 1 - 4)
+    while engine.has_work():
+        engine.step()
+    # steps: 32 prompt tokens; the last one fused with the 5-token prompt (which ends with its one token); two decodes.
+    # The oldest is no longer kept
+    assert engine.num_steps == 4
+    assert [(s.prompt_tokens, s.decode_tokens) for s in engine.step_stats] == [(6, 0), (0, 1), (0, 1)]
+    assert engine.steps_since(0) == list(engine.step_stats)
+    assert engine.steps_since(2) == list(engine.step_stats)[1:]
+    assert engine.steps_since(4) == []
+    snap = engine.snapshot(recent_steps=2)
+    assert snap.recent_steps == list(engine.step_stats)[1:] and snap.num_steps == 4
+    assert (snap.running, snap.waiting, snap.pages_used, snap.pages_free) == (0, 0, 0, engine.blocks.num_pages - 1)

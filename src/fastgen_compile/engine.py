@@ -169,8 +169,8 @@ class Engine:
     def steps_since(self, num_steps: int) -> list[StepStats]:
         """Stats of every step after the first `num_steps` (as far as step_stats still holds them)."""
         with self._stats_lock:
-            first_kept = self.num_steps - len(self.step_stats)
-            return list(itertools.islice(self.step_stats, max(0, num_steps - first_kept), None))
+            count = min(len(self.step_stats), self.num_steps - num_steps)
+            return list(itertools.islice(reversed(self.step_stats), max(0, count)))[::-1]  # from the newest end: O(count)
 
     def snapshot(self, recent_steps: int = 32) -> EngineSnapshot:
         return EngineSnapshot(
