@@ -97,6 +97,20 @@ def test_chat_turns_and_commands(llm_compiled, wait_idle, idle_free_pages):
     assert llm.engine.blocks.num_free == idle_free_pages(llm)
 
 
+def test_the_system_prompt_leads_every_turn_and_outlives_reset(llm_compiled, wait_idle):
+    llm = llm_compiled
+    assert wait_idle(llm)
+    system = {"role": "system", "content": "You answer in French."}
+    reference = llm.chat([system, user(FRANCE)], GREEDY)
+    console = Console(file=io.StringIO(), width=100)
+    chat = ChatConsole(llm, console, GREEDY, system=system["content"], live=False)
+    chat.run(io.StringIO(f"{FRANCE}\n"))
+    assert f"{reference.text}\n{len(reference.token_ids)} tokens · first token" in console.file.getvalue()
+    assert chat.history == [system, user(FRANCE), {"role": "assistant", "content": reference.text}]
+    chat.handle("/reset")
+    assert chat.history == [system]
+
+
 ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07]*\x07|\x1b[78=>]|\r")
 
 

@@ -127,6 +127,8 @@ class BackgroundLoad:
                 stream = self._request(prompt_tokens)
         except EngineDied:
             pass  # the chat's own next request reports it
+        except FastGenError:
+            pass  # a prompt that re-encoded too long for the pool ends its client
         finally:
             with self._lock:
                 self.clients -= 1
@@ -260,7 +262,7 @@ class ChatConsole:
                     answer.first_token = answer.first_token or answer.last_token
                     answer.text, answer.tokens = out.text, len(out.token_ids)
                     if not self.live:
-                        self.console.print(out.delta_text, end="", markup=False, highlight=False, soft_wrap=True)
+                        self.console.print(out.delta_text, end="", markup=False, emoji=False, highlight=False, soft_wrap=True)
         except KeyboardInterrupt:
             stopped = True
         finally:
