@@ -37,9 +37,9 @@ def wait_for(text: str, count: int = 1, timeout: float = 600) -> None:
         time.sleep(0.5)
 
 
-def last_chart_row(screen: str) -> str:
-    rows = [line for line in screen.splitlines() if re.match(r"│ +\d+ +[█▒·]", line)]
-    return rows[-1] if rows else ""
+def mixed_steps(screen: str) -> list[bool]:
+    """For each row of the step chart: did that step carry decode and prompt-chunk tokens?"""
+    return [bool(re.search(r"█+▒", line)) for line in screen.splitlines() if re.match(r"│ +\d+ +[█▒·]", line)]
 
 
 def type_line(line: str) -> None:
@@ -60,9 +60,9 @@ def main() -> None:
         type_line(f"/load {args.clients}")
         wait_for("you>", 2)
         type_line("Write a short poem about the sea.")
-        # capture while the answer streams and the newest step fuses its decode with prompt chunks
+        # capture while the answer streams and the newest step (and another) fused decodes with prompt chunks
         deadline = time.monotonic() + 600
-        while not (re.search(r"answer +\d\d+ tokens", pane()) and re.search(r"█+▒", last_chart_row(pane()))):
+        while not (re.search(r"answer +\d\d+ tokens", (screen := pane())) and mixed_steps(screen)[-1:] == [True] and sum(mixed_steps(screen)) >= 2):
             if time.monotonic() > deadline:
                 sys.exit(f"no mixed step while the answer streamed:\n{pane()}")
             time.sleep(0.2)
