@@ -18,7 +18,7 @@ import time
 import pytest
 from rich.console import Console
 
-from fastgen_compile import SamplingParams
+from fastgen_compile import SamplingParams, cli
 from fastgen_compile.bench.workload import corpus
 from fastgen_compile.console import CHART_WIDTH, ChatConsole, step_bar
 from fastgen_compile.engine import StepStats
@@ -49,6 +49,11 @@ def test_step_bar_draws_each_step_to_the_token_budget():
     # a full prompt-only step fills every cell
     full = step_bar(StepStats(bucket=64, decode_tokens=0, prompt_tokens=64, num_seqs=2, seconds=0.2), budget=64)
     assert full.plain.startswith("▒" * CHART_WIDTH + "   0+64 ")
+
+
+def test_a_bad_sampling_flag_fails_before_the_model_loads(capsys):
+    assert cli.main(["chat", "--top-p", "1.5"]) == 2
+    assert capsys.readouterr().err == "error: top_p must be in (0, 1], got 1.5\n"
 
 
 def test_chat_turns_and_commands(llm_compiled, wait_idle, idle_free_pages):
