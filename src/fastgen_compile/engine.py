@@ -11,14 +11,17 @@ import logging
 import queue
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from torch._dynamo.utils import counters
 
 from fastgen_compile.batch import Batch, pack, pick_bucket
 from fastgen_compile.block_manager import BlockManager
 from fastgen_compile.config import EngineConfig
 from fastgen_compile.errors import RequestError
-from fastgen_compile.models.loader import load
+from fastgen_compile.graphs import BucketWarmup, GraphCache, default_root, file_identity, prepared_gguf
+from fastgen_compile.models.loader import LoadedModel, check_path, embedded_model_path, is_gguf, load
 from fastgen_compile.progress import progress_bar
 from fastgen_compile.runner import Runner
 from fastgen_compile.sampling import SamplingParams, new_generator, sample
@@ -42,14 +45,19 @@ class StepStats:
 class Engine:
     def __init__(self, config: EngineConfig | None = None, **overrides):
         self.config = config = config or EngineConfig(**overrides)
-        loaded = load(config.model, config.torch_dtype, torch.device(config.device))
+        path = check_path(config.model or embedded_model_path())
+        graphs_root = Path(config.graphs_dir) if config.graphs_dir else default_root()
+        loaded = self._load(path, graphs_root)
         self.model, self.tokenizer, self.hf_config, self.model_name = loaded.model, loaded.tokenizer, loaded.hf_config, loaded.name
         context = self.model.args.max_position_embeddings
         self.max_model_len = min(config.max_model_len or context, context)
         num_pages = config.num_pages(Runner.kv_bytes_per_token(self.model, config.torch_kv_dtype), self.max_model_len)
         self.blocks = BlockManager(num_pages, config.page_size)
         self.scheduler = Scheduler(self.blocks, config.token_budget, config.max_seqs, config.policy, config.decode_rows)
-        self.runner = Runner(self.model, config, num_pages)
+        self.graph_cache = None
+        if config.compile and config.graph_cache:
+            self.graph_cache = GraphCache.for_engine(graphs_root, self.model_name, file_identity(path), self.model.args, config, num_pages)
+        self.runner = Runner(self.model, config, num_pages, self.graph_cache)
         self.eos_token_ids = self._eos_token_ids()
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._ids = itertools.count()
@@ -58,6 +66,14 @@ class Engine:
         self.warm = False
         if config.compile and config.warmup:
             self.warmup()
+
+    def _load(self, path: str, graphs_root: Path) -> LoadedModel:
+        """A GGUF checkpoint loads from its prepared HF-folder copy when the graph cache is on."""
+        c = self.config
+        if not (c.graph_cache and is_gguf(path)):
+            return load(path, c.torch_dtype, torch.device(c.device))
+        folder = prepared_gguf(graphs_root, path, c.torch_dtype)
+        return load(str(folder), c.torch_dtype, torch.device(c.device), name=Path(path).stem)
 
     def _eos_token_ids(self) -> frozenset[int]:
         eos = getattr(self.hf_config, "eos_token_id", None)
@@ -68,20 +84,27 @@ class Engine:
 
     # ---- set-up ----------------------------------------------------------------------
 
-    def warmup(self) -> dict[int, float]:
-        """Compile every bucket's forward now (progress shown), then treat a recompile as a bug."""
-        seconds = {}
-        with progress_bar(f"compiling {len(self.config.buckets)} buckets") as bar:
-            task = bar.add_task("warmup", total=len(self.config.buckets))
-            for bucket in self.config.buckets:
+    def warmup(self) -> list[BucketWarmup]:
+        """Compile (or load from graphs/) every bucket's forward now, progress shown; on CUDA
+        capture each as a CUDA graph. Saves what it compiled; then a recompile is a bug."""
+        warmups = []
+        inductor = counters["inductor"]
+        # largest first: on CUDA the smaller buckets' graphs reuse its memory pool
+        buckets = sorted(self.config.buckets, reverse=True)
+        with progress_bar(f"compiling {len(buckets)} buckets") as bar:
+            task = bar.add_task("warmup", total=len(buckets))
+            for bucket in buckets:
                 bar.update(task, description=f"bucket {bucket} tokens")
-                t0 = time.perf_counter()
-                self.runner.forward(self.pack(StepPlan(), bucket))
-                seconds[bucket] = time.perf_counter() - t0
+                t0, hits, compiled = time.perf_counter(), inductor["fxgraph_cache_hit"], self.runner.graphs_compiled
+                self.runner.warm(self.pack(StepPlan(), bucket))
+                cache = "hit" if inductor["fxgraph_cache_hit"] > hits else "miss" if self.runner.graphs_compiled > compiled else "in memory"
+                warmups.append(BucketWarmup(bucket, time.perf_counter() - t0, cache))
                 bar.advance(task)
         self.runner.mark_warm()
         self.warm = True
-        return seconds
+        if self.graph_cache is not None and (not self.graph_cache.loaded or any(w.cache == "miss" for w in warmups)):
+            self.graph_cache.save(warmups)
+        return sorted(warmups, key=lambda w: w.bucket)
 
     # ---- requests --------------------------------------------------------------------
 
