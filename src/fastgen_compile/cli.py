@@ -1,4 +1,5 @@
-"""The `fastgen-compile` command: `generate` streams one answer, `demo` shows continuous batching."""
+"""The `fastgen-compile` command: `generate` streams one answer, `demo` shows continuous batching,
+`warmup` compiles every bucket into graphs/ so later starts load instead of compiling."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from fastgen_compile.api import LLM
-from fastgen_compile.config import DTYPES
+from fastgen_compile.config import DTYPES, EngineConfig
+from fastgen_compile.engine import Engine
 from fastgen_compile.errors import FastGenError
 from fastgen_compile.sampling import SamplingParams
 
@@ -113,6 +115,30 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_warmup(args: argparse.Namespace) -> int:
+    knobs = dict(model=args.model, dtype=args.dtype, device=args.device, graphs_dir=args.graphs_dir)
+    for name in ("buckets", "page_size", "decode_rows", "q_block", "kv_pages"):
+        if getattr(args, name) is not None:
+            knobs[name] = getattr(args, name)
+    t0 = time.perf_counter()
+    engine = Engine(EngineConfig(**knobs))
+    seconds = time.perf_counter() - t0
+    table = Table("bucket", "seconds", "cache", title=f"{escape(engine.model_name)} ({engine.config.dtype}, {engine.config.device})")
+    for w in engine.warmups:
+        table.add_row(str(w.bucket), f"{w.seconds:.1f}", w.cache)
+    out.print(table)
+    cache = engine.graph_cache
+    out.print(f"graphs in {escape(str(cache.folder))}; ready in {seconds:.1f} s" if cache else f"ready in {seconds:.1f} s")
+    return 0
+
+
+def int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated token counts, e.g. 32,96,288; got {text!r}") from None
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fastgen-compile", description="Dynamic SplitFuse LLM serving as a torch.compile graph engine.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -136,6 +162,17 @@ def parser() -> argparse.ArgumentParser:
     model_args(d)
     d.add_argument("--max-new-tokens", type=int, default=64)
     d.set_defaults(run=cmd_demo)
+
+    w = sub.add_parser("warmup", help="compile every bucket and save the graphs, so later starts load them")
+    model_args(w)
+    w.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default: cpu)")
+    w.add_argument("--buckets", type=int_list, default=None, help="comma-separated bucket row counts (default: 32,96,288)")
+    w.add_argument("--page-size", type=int, default=None, help="KV slots per page (default: 64)")
+    w.add_argument("--decode-rows", type=int, default=None, help="decode rows of every bucket (default: 32)")
+    w.add_argument("--q-block", type=int, default=None, help="prompt rows per block-mask row (default: 16)")
+    w.add_argument("--kv-pages", type=int, default=None, help="KV pool pages (default: a share of free memory)")
+    w.add_argument("--graphs-dir", default=None, help="where graphs/<key>/ folders go (default: $FASTGEN_GRAPHS_DIR, the checkout's graphs/, or ~/.cache)")
+    w.set_defaults(run=cmd_warmup)
     return p
 
 

@@ -64,6 +64,7 @@ class Engine:
         self._seqs: dict[int, Sequence] = {}
         self.step_stats: list[StepStats] = []
         self.warm = False
+        self.warmups: list[BucketWarmup] = []  # what the last warmup did per bucket
         if config.compile and config.warmup:
             self.warmup()
 
@@ -102,9 +103,10 @@ class Engine:
                 bar.advance(task)
         self.runner.mark_warm()
         self.warm = True
+        self.warmups = sorted(warmups, key=lambda w: w.bucket)
         if self.graph_cache is not None and (not self.graph_cache.loaded or any(w.cache == "miss" for w in warmups)):
-            self.graph_cache.save(warmups)
-        return sorted(warmups, key=lambda w: w.bucket)
+            self.graph_cache.save(self.warmups)
+        return self.warmups
 
     # ---- requests --------------------------------------------------------------------
 
