@@ -6,12 +6,15 @@ thread that calls `step` owns all other state.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import queue
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from torch._dynamo.utils import counters
@@ -29,6 +32,7 @@ from fastgen_compile.scheduler import Scheduler, StepPlan
 from fastgen_compile.sequence import RequestOutput, Sequence, Status
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -88,25 +92,35 @@ class Engine:
     def warmup(self) -> list[BucketWarmup]:
         """Compile (or load from graphs/) every bucket's forward now, progress shown; on CUDA
         capture each as a CUDA graph. Saves what it compiled; then a recompile is a bug."""
-        warmups = []
-        inductor = counters["inductor"]
         # largest first: on CUDA the smaller buckets' graphs reuse its memory pool
         buckets = sorted(self.config.buckets, reverse=True)
         with progress_bar(f"compiling {len(buckets)} buckets") as bar:
             task = bar.add_task("warmup", total=len(buckets))
             for bucket in buckets:
                 bar.update(task, description=f"bucket {bucket} tokens")
-                t0, hits, compiled = time.perf_counter(), inductor["fxgraph_cache_hit"], self.runner.graphs_compiled
-                self.runner.warm(self.pack(StepPlan(), bucket))
-                cache = "hit" if inductor["fxgraph_cache_hit"] > hits else "miss" if self.runner.graphs_compiled > compiled else "in memory"
-                warmups.append(BucketWarmup(bucket, time.perf_counter() - t0, cache))
+                self._compiling(bucket, functools.partial(self.runner.warm, self.pack(StepPlan(), bucket)))
                 bar.advance(task)
         self.runner.mark_warm()
         self.warm = True
-        self.warmups = sorted(warmups, key=lambda w: w.bucket)
-        if self.graph_cache is not None and (not self.graph_cache.loaded or any(w.cache == "miss" for w in warmups)):
-            self.graph_cache.save(self.warmups)
+        self._save_graphs()
         return self.warmups
+
+    def _compiling(self, bucket: int, forward: Callable[[], T], save: bool = False) -> T:
+        """Run a forward that may compile bucket's graph; if it did, note the time and whether
+        inductor loaded it from graphs/ (hit) or built it (miss), and save a miss if asked."""
+        inductor = counters["inductor"]
+        t0, hits, compiled = time.perf_counter(), inductor["fxgraph_cache_hit"], self.runner.graphs_compiled
+        result = forward()
+        if self.runner.graphs_compiled > compiled:
+            done = BucketWarmup(bucket, time.perf_counter() - t0, "hit" if inductor["fxgraph_cache_hit"] > hits else "miss")
+            self.warmups = sorted([w for w in self.warmups if w.bucket != bucket] + [done], key=lambda w: w.bucket)
+            if save and done.cache == "miss":
+                self._save_graphs()
+        return result
+
+    def _save_graphs(self) -> None:
+        if self.graph_cache is not None and (not self.graph_cache.loaded or any(w.cache == "miss" for w in self.warmups)):
+            self.graph_cache.save(self.warmups)
 
     # ---- requests --------------------------------------------------------------------
 
@@ -159,7 +173,9 @@ class Engine:
         t0 = time.perf_counter()
         decode_tokens = plan.num_decode_tokens
         bucket = pick_bucket(self.config.buckets, self.config.decode_rows, plan)
-        logits = self.runner.forward(self.pack(plan, bucket))
+        batch = self.pack(plan, bucket)
+        # without warmup, a bucket's first use compiles (or loads) its graph
+        logits = self.runner.forward(batch) if self.warm else self._compiling(bucket, lambda: self.runner.forward(batch), save=True)
         self.scheduler.update(plan)
         sampling = [c.seq for c in plan.chunks if c.samples]
         tokens = sample(logits, [s.params for s in sampling], [s.generator for s in sampling]) if sampling else []
