@@ -3,6 +3,7 @@ or corrupt cache is reported in one line and rebuilt without changing any output
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -134,3 +135,29 @@ def test_pool_pages_from_free_memory_are_rounded_to_a_coarse_step(n):
     mantissa = c >> max(c.bit_length() - 3, 0)
     assert c < 8 or (4 <= mantissa <= 7 and c == mantissa << (c.bit_length() - 3))
     assert coarse(c) == c and all(coarse(m) == c for m in range(c, n + 1))
+
+
+def test_the_key_covers_every_knob_that_changes_the_graphs(tmp_path):
+    from fastgen_compile.config import EngineConfig
+    from fastgen_compile.models.llama import LlamaArgs
+
+    args = LlamaArgs(512, 64, 128, 2, 4, 2, 16, 1e-5, 10000.0, None, 256, False, False)
+    base = dict(dtype="float32", buckets=(16, 48), decode_rows=16, page_size=16, q_block=16)
+
+    def folder(pages: int = 32, model_files=(("model.safetensors", 10, 1),), model_args=args, **knobs):
+        return GraphCache.for_engine(tmp_path, "tiny", list(model_files), model_args, EngineConfig(**(base | knobs)), pages).folder
+
+    same = folder()
+    assert folder(max_seqs=3) == same and folder(policy="prefill_first") == same and folder(max_model_len=100) == same
+    changed = [
+        folder(pages=64),
+        folder(model_files=(("model.safetensors", 10, 2),)),
+        folder(model_args=dataclasses.replace(args, rope_theta=5e5)),
+        folder(dtype="bfloat16"),
+        folder(kv_dtype="bfloat16"),
+        folder(buckets=(16, 32)),
+        folder(decode_rows=0),
+        folder(page_size=8),
+        folder(q_block=32, buckets=(16, 48)),
+    ]
+    assert len({same, *changed}) == len(changed) + 1
