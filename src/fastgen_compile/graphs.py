@@ -179,17 +179,20 @@ class GraphCache:
 
     @contextlib.contextmanager
     def compiling(self) -> Iterator[None]:
-        """Inductor reads and writes its caches in this folder while our backend compiles."""
-        before = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+        """Inductor (and Triton, on GPU) read and write their caches in this folder while our backend compiles."""
+        inductor = self.folder / "inductor"
+        paths = {"TORCHINDUCTOR_CACHE_DIR": inductor, "TRITON_CACHE_DIR": inductor / "triton"}
+        before = {name: os.environ.get(name) for name in paths}
         self.folder.mkdir(parents=True, exist_ok=True)
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(self.folder / "inductor")
+        os.environ.update({name: str(path) for name, path in paths.items()})
         try:
             yield
         finally:
-            if before is None:
-                os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
-            else:
-                os.environ["TORCHINDUCTOR_CACHE_DIR"] = before
+            for name, value in before.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
 
     def save(self, warmups: list[BucketWarmup]) -> dict:
         manifest = write_manifest(self.folder, self.fields, compiled=[asdict(w) for w in warmups])
