@@ -101,7 +101,7 @@ def test_a_corrupt_artifact_is_reported_in_one_line_and_rebuilt_with_identical_o
 
 
 def test_partial_stale_and_corrupt_folders_are_told_apart(tmp_path, caplog):
-    fields = {"format": 1, "model": "m", "buckets": [16]}
+    fields = {"format": 1, "model": "m", "buckets": [16], "rope_scaling": (("factor", 8.0),)}
     folder = tmp_path / "key"
     (folder / "inductor").mkdir(parents=True)
     (folder / "inductor" / "graph.py").write_text("print('compiled')\n")

@@ -102,7 +102,8 @@ def problem(folder: Path, fields: dict) -> str | None:
         manifest = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         return f"corrupt manifest ({e})"
-    if not isinstance(manifest, dict) or manifest.get("fields") != fields:
+    as_saved = json.loads(json.dumps(fields, default=str))  # tuples read back as lists
+    if not isinstance(manifest, dict) or manifest.get("fields") != as_saved:
         return "stale: its key fields differ from this engine's"
     for name, (size, sha) in manifest.get("files", {}).items():
         f = folder / name
@@ -144,7 +145,7 @@ def _open(folder: Path, fields: dict, what: str) -> bool:
 class BucketWarmup:
     bucket: int
     seconds: float
-    cache: str  # "hit": loaded from graphs/, "miss": compiled, "in memory": this process had it
+    cache: str  # "hit": loaded from graphs/, "miss": compiled
 
 
 class GraphCache:
