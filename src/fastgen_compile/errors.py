@@ -15,3 +15,7 @@ class RequestError(FastGenError):
 
 class ConfigError(FastGenError):
     """An engine setting is out of range or inconsistent."""
+
+
+class RecompileError(RuntimeError):
+    """A compiled graph recompiled while serving (strict mode): a shape or guard changed in the hot path."""
