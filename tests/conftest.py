@@ -17,7 +17,18 @@ import torch
 # KV_PAGES holds every prompt of tests/test_equality.py at once (+24 new tokens each,
 # + the scratch page); test_equality asserts that, so a longer prompt set fails loudly.
 KV_PAGES = 128
-ENGINE_CONFIG = dict(dtype="float32", buckets=(16, 64), decode_rows=16, page_size=16, kv_pages=KV_PAGES, max_seqs=16)
+ENGINE_CONFIG = dict(dtype="float32", buckets=(16, 64), decode_rows=16, page_size=16, kv_pages=KV_PAGES, max_seqs=16, strict_recompiles=True)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def graphs_dir(tmp_path_factory):
+    """Persisted graphs go to a folder of this session, never the checkout's graphs/."""
+    from fastgen_compile.graphs import GRAPHS_ENV
+
+    folder = tmp_path_factory.mktemp("graphs")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(GRAPHS_ENV, str(folder))
+        yield folder
 
 
 @pytest.fixture(scope="session")

@@ -5,9 +5,11 @@ from __future__ import annotations
 import logging
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
 from torch._dynamo.utils import counters
 
 from fastgen_compile import SamplingParams
+from fastgen_compile.errors import RecompileError
 from fastgen_compile.scheduler import StepPlan
 
 SENTENCES = [
@@ -70,18 +72,35 @@ def test_new_workload_shapes_trigger_no_recompile(llm_compiled, wait_idle):
     assert llm.engine.recompiles_since_warmup() == 0
 
 
+def test_a_recompile_in_strict_mode_raises_naming_the_failed_guard(llm_compiled, wait_idle):
+    """The test engines are strict: a shape the warmup never saw (bucket 32) is an error that says which guard failed."""
+    llm = llm_compiled
+    assert wait_idle(llm)
+    engine = llm.engine
+    assert engine.runner.strict
+    with pytest.raises(RecompileError, match=r"recompile while serving: .*size mismatch at index 0\. expected (16|64), actual 32"):
+        engine.runner.forward(engine.pack(StepPlan(), 32))
+    assert engine.recompiles_since_warmup() == 0  # refused before compiling
+    out = llm.generate(["Hi"], SamplingParams(max_new_tokens=2, temperature=0))  # and the engine serves on
+    assert len(out[0].token_ids) == 2
+
+
 def test_a_recompile_while_serving_is_counted_and_logged(llm_compiled, wait_idle, caplog):
-    """A shape the warmup never saw (bucket 32) compiles a new graph: counted, warned, not forgotten."""
+    """Not strict (production): a shape the warmup never saw compiles a new graph: counted, warned with the failed guard, not forgotten."""
     llm = llm_compiled
     assert wait_idle(llm)
     engine = llm.engine
     runner = engine.runner
+    runner.strict = False
     try:
         with caplog.at_level(logging.WARNING, logger="fastgen_compile.runner"):
             runner.forward(engine.pack(StepPlan(), 32))
             assert engine.recompiles_since_warmup() == 1
             llm.generate(["Hi"], SamplingParams(max_new_tokens=1, temperature=0))  # one more forward pass
         assert engine.recompiles_since_warmup() == 1, "the recompile was forgotten"
-        assert sum("recompiled while serving" in r.getMessage() for r in caplog.records) == 1
+        warnings = [r.getMessage() for r in caplog.records if "recompiled while serving" in r.getMessage()]
+        assert len(warnings) == 1
+        assert "size mismatch at index 0" in warnings[0] and "actual 32" in warnings[0]
     finally:
+        runner.strict = True
         runner.mark_warm()  # later tests start from a clean baseline

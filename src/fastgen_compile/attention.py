@@ -50,30 +50,30 @@ class PagedAttention:
         # fixed function objects for the engine's life: a new closure per step would retrace
         self.decode_mask_mod, self.prompt_mask_mod = decode_mask, prompt_mask
 
-    def update(self, batch: Batch, positions: torch.Tensor, slots: torch.Tensor) -> None:
-        """Record this step's query rows and who wrote each new slot (padding writes nothing)."""
-        q_seq = batch.q_seq.to(positions.device)
-        n = batch.bucket
+    def update(self, q_seq: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor) -> None:
+        """Record this step's query rows and who wrote each new slot. Padding rows write the
+        scratch slots, which no block lists; no data-dependent shapes, so a CUDA graph can hold it."""
+        n = q_seq.shape[0]
         self.q_seq[:n].copy_(q_seq)
         self.q_pos[:n].copy_(positions)
-        real = q_seq >= 0
-        self.slot_seq.index_copy_(0, slots[real], q_seq[real])
-        self.slot_pos.index_copy_(0, slots[real], positions[real])
+        self.slot_seq.index_copy_(0, slots, q_seq)
+        self.slot_pos.index_copy_(0, slots, positions)
 
     def block_masks(self, batch: Batch) -> tuple[BlockMask | None, BlockMask | None]:
-        device = self.q_seq.device
-        decode = batch.decode_blocks and self._mask(batch.decode_blocks, 1, self.decode_rows, self.decode_mask_mod, device)
-        prompt = batch.prompt_blocks and self._mask(batch.prompt_blocks, self.q_block, batch.bucket - self.decode_rows, self.prompt_mask_mod, device)
+        """The masks over batch's block lists (device tensors), which they keep: refill those lists
+        in place and the same masks serve the next step."""
+        decode = batch.decode_blocks and self._mask(batch.decode_blocks, 1, self.decode_rows, self.decode_mask_mod)
+        prompt = batch.prompt_blocks and self._mask(batch.prompt_blocks, self.q_block, batch.bucket - self.decode_rows, self.prompt_mask_mod)
         return decode, prompt
 
-    def _mask(self, lists: BlockLists, q_block: int, rows: int, mask_mod, device: torch.device) -> BlockMask:
+    def _mask(self, lists: BlockLists, q_block: int, rows: int, mask_mod) -> BlockMask:
         """Partial pages go through mask_mod; full pages (wholly visible to a one-sequence
         query block) skip it, which on CPU is most of the cost of attention."""
         return BlockMask.from_kv_blocks(
-            lists.kv_num_blocks.to(device),
-            lists.kv_indices.to(device),
-            lists.full_num_blocks.to(device),
-            lists.full_indices.to(device),
+            lists.kv_num_blocks,
+            lists.kv_indices,
+            lists.full_num_blocks,
+            lists.full_indices,
             BLOCK_SIZE=(q_block * self.group, self.page_size),
             mask_mod=mask_mod,
             seq_lengths=(rows * self.group, self.num_slots),

