@@ -107,13 +107,15 @@ def test_bench_quick_run_accounts_for_every_token(tmp_path, engine_config):
     report = json.loads((out / "serving.json").read_text())
     settings, results = report["settings"], report["results"]
     assert settings["engine_config"]["buckets"] == list(engine_config["buckets"]) and settings["torch"]
-    prompts, gens = settings["prompt_tokens"], settings["gen_tokens"]
     systems = [(r["system"], r["clients"]) for r in results]
     assert systems == [(s, c) for s in ("fastgen splitfuse", "fastgen prefill_first", "transformers CB") for c in (1, 2)]
+    first_system = {r["clients"]: r for r in results[:2]}
     for r in results:
+        prompts, gens = r["prompt_lengths"], r["gen_lengths"]
+        assert (prompts, gens) == (first_system[r["clients"]]["prompt_lengths"], first_system[r["clients"]]["gen_lengths"])
         assert (r["requests"], r["completed"], r["errors"]) == (3, 3, [])
         assert round(r["output_tok_per_s"] * r["seconds"]) == sum(gens)
-        assert set(r["effective_throughput"]) == {"512/2", "512/4", "512/6"}
+        assert set(r["effective_throughput"]) == {f"{p}/{g}" for p in (512, 128) for g in (2, 4, 6)}
         for metric in ("ttft_s", "inter_token_s", "end_to_end_s"):
             assert set(r[metric]) == {"mean", "p50", "p90", "p95", "p99"}
         if r["system"].startswith("fastgen"):
