@@ -18,8 +18,8 @@ from rich.console import Console
 from rich.table import Table
 
 from fastgen_compile import LLM, SamplingParams
+from fastgen_compile.bench.systems import transformers_source
 from fastgen_compile.bench.workload import add_engine_flags, engine_overrides, prompts_of_lengths
-from fastgen_compile.models.loader import embedded_model_path
 
 
 def run_fastgen(prompts: list[list[int]], new_tokens: int, args) -> dict:
@@ -48,9 +48,7 @@ def run_fastgen(prompts: list[list[int]], new_tokens: int, args) -> dict:
 def run_transformers(prompts: list[list[int]], new_tokens: int, args) -> dict:
     from transformers import AutoModelForCausalLM, GenerationConfig
 
-    path = args.model or embedded_model_path()
-    kwargs = {"gguf_file": os.path.basename(path)} if path.endswith(".gguf") else {}
-    folder = os.path.dirname(path) if kwargs else path
+    folder, kwargs = transformers_source(args.model)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, args.dtype), **kwargs).eval()
     config = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, eos_token_id=model.config.eos_token_id,
                               pad_token_id=model.config.eos_token_id)
@@ -80,9 +78,8 @@ def main() -> None:
     lengths = [rng.randint(args.min_prompt, args.max_prompt) for _ in range(args.requests)]
     from transformers import AutoTokenizer
 
-    path = args.model or embedded_model_path()
-    gguf = {"gguf_file": os.path.basename(path)} if path.endswith(".gguf") else {}
-    tok = AutoTokenizer.from_pretrained(os.path.dirname(path) if gguf else path, **gguf)
+    folder, kwargs = transformers_source(args.model)
+    tok = AutoTokenizer.from_pretrained(folder, **kwargs)
     prompts = prompts_of_lengths(tok, lengths, args.seed)
 
     results = {"fastgen": run_fastgen(prompts, args.new_tokens, args)}

@@ -106,9 +106,16 @@ class Rope:
             self.long_inv_freq = (inv_freq / torch.tensor(s["long_factor"], dtype=torch.float64)).to(device)
             inv_freq = inv_freq / torch.tensor(s["short_factor"], dtype=torch.float64)
         self.inv_freq = inv_freq.to(device)
+        # frequencies that do not depend on the sequence's length: one table, a gather per step
+        self.table = None
+        if args.kind not in ("dynamic", "longrope"):
+            self.table = self._cos_sin(torch.arange(args.max_position_embeddings, device=device), self.inv_freq)
 
     def cos_sin(self, positions: torch.Tensor, context_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """positions, context_lens: (tokens,) -> cos, sin: (tokens, 1, dim)."""
+        if self.table is not None:
+            pos = positions.long()
+            return self.table[0][pos], self.table[1][pos]
         a = self.args
         inv_freq = self.inv_freq.expand(positions.shape[0], -1)
         if a.kind == "dynamic":
@@ -119,6 +126,9 @@ class Rope:
             inv_freq = 1.0 / base[:, None] ** (torch.arange(0, a.dim, 2, dtype=torch.float64, device=base.device) / a.dim)
         elif a.kind == "longrope":
             inv_freq = torch.where((context_lens > self.original_len)[:, None], self.long_inv_freq, inv_freq)
+        return self._cos_sin(positions, inv_freq)
+
+    def _cos_sin(self, positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions.double()[:, None] * inv_freq
         emb = torch.cat([freqs, freqs], dim=-1)
         return (emb.cos() * self.scale).float().unsqueeze(1), (emb.sin() * self.scale).float().unsqueeze(1)
