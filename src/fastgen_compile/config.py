@@ -31,6 +31,7 @@ class EngineConfig:
     kv_bytes: int | None = None  # in bytes, or by default
     kv_memory_fraction: float = 0.1  # this share of free memory
     policy: str = "splitfuse"  # or "prefill_first"
+    pack_weights: bool = True  # CPU bf16: linears use weights packed once for oneDNN (models/packed.py)
     compile: bool = True  # False: the same model eagerly (debugging, test reference)
     warmup: bool = True  # compile every bucket at start (else lazily on first use)
     # compiled graphs (and prepared copies of GGUF checkpoints) persist under graphs_dir/<key>/;

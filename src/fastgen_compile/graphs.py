@@ -171,6 +171,7 @@ class GraphCache:
             "decode_rows": c.decode_rows,
             "page_size": c.page_size,
             "q_block": c.q_block,
+            "pack_weights": c.pack_weights,
             "kv_pages": num_pages,
             "torch": torch.__version__,
             "python": sys.version.split()[0],

@@ -22,6 +22,7 @@ from fastgen_compile.batch import Batch, BlockLists
 from fastgen_compile.config import EngineConfig
 from fastgen_compile.errors import RecompileError
 from fastgen_compile.graphs import GraphCache
+from fastgen_compile.models import packed
 from fastgen_compile.models.decoder import Decoder, decoder_layer
 from fastgen_compile.models.rope import Rope
 
@@ -71,7 +72,11 @@ class Runner:
         self.graph_cache = graph_cache
         self.strict = c.strict_recompiles
         self.compiled = c.compile
-        layer = functools.partial(decoder_layer, args=args, attend=paged_attend)
+        self.packed_weights = c.pack_weights and packed.available(device, c.torch_dtype)
+        if self.packed_weights:
+            packed.pack(model)
+        self.linear = packed.packed_linear if self.packed_weights else torch.nn.functional.linear
+        layer = functools.partial(decoder_layer, args=args, attend=paged_attend, linear=self.linear)
         if c.compile:
             # one graph per bucket shape, shared by all layers (weights and caches are inputs);
             # its own guard cache, so other engines in the process neither count nor collide
@@ -132,7 +137,7 @@ class Runner:
                     raise e.inner_exception from None
                 raise
         self._check_recompile()
-        return self.model.logits(inputs.hidden[batch.sample_rows.to(self.device)])
+        return self.model.logits(inputs.hidden[batch.sample_rows.to(self.device)], self.linear)
 
     def _body(self, inputs: BucketInputs) -> torch.Tensor:
         """The bucket's forward up to the last hidden states: only in-place writes and fixed shapes."""

@@ -119,17 +119,19 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 # attend(q, k_cache, v_cache, mask) -> (tokens, heads * head_dim); q: (1, tokens, heads, head_dim),
 # caches: (1, slots, kv_heads, head_dim)
 AttendFn = Callable[..., torch.Tensor]
+# linear(x, weight, bias) -> x @ weight.T + bias: F.linear, or models.packed.packed_linear on CPU bf16
+LinearFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 Weights = dict[str, torch.Tensor | None]
 
 
 def attention(
-    x: torch.Tensor, w: Weights, k_cache, v_cache, cos, sin, slots, mask, a: ModelArgs, attend: AttendFn
+    x: torch.Tensor, w: Weights, k_cache, v_cache, cos, sin, slots, mask, a: ModelArgs, attend: AttendFn, linear: LinearFn
 ) -> torch.Tensor:
     """New keys/values are written into the paged pool at `slots` before attention, so a
     token attends to its own sequence's past and itself."""
     n, hq, hkv, d = x.shape[0], a.num_heads, a.num_kv_heads, a.head_dim
     # 4-D all the way: torch 2.13's CPU flex lowering fails on 3-D buffers viewed as 4-D
-    qkv = F.linear(x, w["wqkv"], w["bqkv"]).view(1, n, hq + 2 * hkv, d)
+    qkv = linear(x, w["wqkv"], w["bqkv"]).view(1, n, hq + 2 * hkv, d)
     q, k = qkv[:, :, :hq], qkv[:, :, hq : hq + hkv]
     if cos is not None:
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -137,18 +139,18 @@ def attention(
     k_cache.index_copy_(1, slots, k.to(kv_dtype))
     v_cache.index_copy_(1, slots, qkv[:, :, hq + hkv :].to(kv_dtype))
     out = attend(q.to(kv_dtype), k_cache, v_cache, mask)
-    return F.linear(out.to(x.dtype), w["wo"], w["bo"])
+    return linear(out.to(x.dtype), w["wo"], w["bo"])
 
 
-def mlp(x: torch.Tensor, w: Weights, a: ModelArgs) -> torch.Tensor:
+def mlp(x: torch.Tensor, w: Weights, a: ModelArgs, linear: LinearFn) -> torch.Tensor:
     act = ACTIVATIONS[a.activation]
-    up = F.linear(x, w["w_up"], w["b_up"])
+    up = linear(x, w["w_up"], w["b_up"])
     if a.gated_mlp:
         gate, up = up.chunk(2, dim=-1)
         up = act(gate) * up
     else:
         up = act(up)
-    return F.linear(up, w["w_down"], w["b_down"])
+    return linear(up, w["w_down"], w["b_down"])
 
 
 def experts(x: torch.Tensor, w: Weights, a: ModelArgs) -> torch.Tensor:
@@ -177,16 +179,17 @@ def decoder_layer(
     *,
     args: ModelArgs,
     attend: AttendFn,
+    linear: LinearFn = F.linear,
 ) -> torch.Tensor:
     """One block, x: (tokens, hidden). Pre-norm: x + Attn(Norm(x)), then + MLP(Norm(x));
     post-norm (OPT-350m): Norm(x + Attn(x)), then Norm(x + MLP(x))."""
     a = args
     h = norm(x, w["attn_norm"], w["attn_norm_bias"], a) if a.pre_norm else x
-    x = x + attention(h, w, k_cache, v_cache, cos, sin, slots, mask, a, attend)
+    x = x + attention(h, w, k_cache, v_cache, cos, sin, slots, mask, a, attend, linear)
     if not a.pre_norm:
         x = norm(x, w["attn_norm"], w["attn_norm_bias"], a)
     h = norm(x, w["mlp_norm"], w["mlp_norm_bias"], a) if a.pre_norm else x
-    x = x + (experts(h, w, a) if a.num_experts else mlp(h, w, a))
+    x = x + (experts(h, w, a) if a.num_experts else mlp(h, w, a, linear))
     return x if a.pre_norm else norm(x, w["mlp_norm"], w["mlp_norm_bias"], a)
 
 
@@ -221,10 +224,10 @@ class Decoder(nn.Module):
             x = x + self.pos_embed[positions.long() + self.args.position_offset]
         return x
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def logits(self, hidden: torch.Tensor, linear: LinearFn = F.linear) -> torch.Tensor:
         """Final norm and lm_head on the rows to sample only (vocab is the biggest matmul)."""
         if self.norm is not None:
             hidden = norm(hidden, self.norm, self.norm_bias, self.args)
         if self.project_out is not None:
             hidden = F.linear(hidden, self.project_out)
-        return F.linear(hidden, self.lm_head).float()
+        return linear(hidden, self.lm_head, None).float()
