@@ -422,3 +422,18 @@ def test_packed_linears_give_the_plain_linears_logits(tmp_path):
         logits[pack] = torch.stack([r.logits[p] for p in sorted(r.logits)])
     # observed: identical (oneDNN computes both); a wrong or stale packed weight is off by ~10
     torch.testing.assert_close(logits[True], logits[False], atol=0.25, rtol=0.02)
+
+
+@pytest.mark.parametrize("name", ["llama-default-rope", "mistral-window-12"])
+def test_decode_rows_through_the_cpu_kernel_match(name, tmp_path):
+    """With a decode region on CPU, decode rows attend through kernels/paged_decode.cpp (page
+    tables, no block mask) while prompt chunks beside them stay on FlexAttention."""
+    tiny = make_tiny(tmp_path, name, buckets=(8, 24), decode_rows=8)
+    if not tiny.engine.runner.decode_table:
+        pytest.skip("no C++ compiler for the CPU kernel")
+    a = Request(random_ids(30 + 40, seed=31), prompt_len=30)  # decodes past the window of 12, over pages of 8
+    b = Request(random_ids(20 + 6, seed=32), prompt_len=20, add_at_step=3)  # its chunks run beside a's decodes
+    log = drive(tiny.engine, [a, b])
+    assert any(decode for step in log for _, _, _, decode in step.chunks) and any(len(step.chunks) > 1 for step in log)
+    for r in (a, b):
+        assert_matches_hf(tiny, r, log)

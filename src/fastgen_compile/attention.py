@@ -10,15 +10,28 @@ so the kernel touches nothing else. Shapes are fixed per bucket; only contents c
 
 Two regions: decode rows use 1-row query blocks (a block never mixes sequences, so no
 page is read for a sequence that does not need it); prompt rows use `q_block`-row
-blocks, so a chunk's rows share each page they read (see docs/architecture.md).
+blocks, so a chunk's rows share each page they read (see docs/architecture.md). On CPU
+with an fp32 pool, decode rows go to our own kernel instead (`kernels/paged_decode.cpp`),
+given each row's page table (`DecodeTable`).
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from fastgen_compile.batch import Batch, BlockLists
+
+
+class DecodeTable(NamedTuple):
+    """The decode region for `torch.ops.fastgen.paged_decode`: views of the bucket's buffers."""
+
+    pages: torch.Tensor  # (decode_rows, max_pages) int32, each row's page table
+    lens: torch.Tensor  # (decode_rows,) int32, each row's sequence length (0: padding)
+    page_size: int
+    window: int  # 0: none
 
 
 class PagedAttention:
@@ -29,7 +42,7 @@ class PagedAttention:
         kernel row per token and head of the group), so a page is read once per KV head.
         window: a query sees keys less than this many positions back (None: all); a
         static property of the compiled graph, like the rest of the mask."""
-        self.page_size, self.decode_rows, self.q_block, self.group = page_size, decode_rows, q_block, group
+        self.page_size, self.decode_rows, self.q_block, self.group, self.window = page_size, decode_rows, q_block, group, window
         self.num_slots = num_pages * page_size
         self.q_seq = torch.full((max_tokens,), -1, dtype=torch.int32, device=device)
         self.q_pos = torch.zeros(max_tokens, dtype=torch.int32, device=device)
@@ -59,10 +72,13 @@ class PagedAttention:
         self.slot_seq.index_copy_(0, slots, q_seq)
         self.slot_pos.index_copy_(0, slots, positions)
 
-    def block_masks(self, batch: Batch) -> tuple[BlockMask | None, BlockMask | None]:
+    def block_masks(self, batch: Batch) -> tuple[BlockMask | DecodeTable | None, BlockMask | None]:
         """The masks over batch's block lists (device tensors), which they keep: refill those lists
         in place and the same masks serve the next step."""
-        decode = batch.decode_blocks and self._mask(batch.decode_blocks, 1, self.decode_rows, self.decode_mask_mod)
+        if batch.decode_pages is not None:
+            decode = DecodeTable(batch.decode_pages, batch.context_lens[: self.decode_rows], self.page_size, self.window or 0)
+        else:
+            decode = batch.decode_blocks and self._mask(batch.decode_blocks, 1, self.decode_rows, self.decode_mask_mod)
         prompt = batch.prompt_blocks and self._mask(batch.prompt_blocks, self.q_block, batch.bucket - self.decode_rows, self.prompt_mask_mod)
         return decode, prompt
 
@@ -81,24 +97,32 @@ class PagedAttention:
         )
 
 
-def paged_attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, masks: tuple[BlockMask | None, BlockMask | None]) -> torch.Tensor:
+def paged_attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, masks: tuple[BlockMask | DecodeTable | None, BlockMask | None]) -> torch.Tensor:
     """q: (1, tokens, heads, dim); caches: (1, slots, kv_heads, dim) -> (tokens, heads * dim).
     The decode region is the first tokens (`masks[0]` says how many), the prompt region the rest."""
     _, tokens, heads, dim = q.shape
+    group = heads // k_cache.shape[2]
+    decode, prompt = masks
+    if isinstance(decode, DecodeTable):
+        split = decode.pages.shape[0]
+        table = (decode.pages, decode.lens, decode.page_size, decode.window, dim**-0.5)
+        outs = [torch.ops.fastgen.paged_decode(q[0, :split].contiguous(), k_cache[0], v_cache[0], *table).view(split, heads * dim)]
+    else:
+        split = decode.seq_lengths[0] // group if decode is not None else 0
+        outs = [flex_rows(q[:, :split], k_cache, v_cache, decode)] if decode is not None else []
+    if prompt is not None:
+        outs.append(flex_rows(q[:, split:], k_cache, v_cache, prompt))
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
+def flex_rows(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, mask: BlockMask) -> torch.Tensor:
+    """FlexAttention over the pool for one region's rows: q (1, n, heads, dim) -> (n, heads * dim)."""
+    _, n, heads, dim = q.shape
     kv_heads = k_cache.shape[2]
-    group = heads // kv_heads
-    k, v = k_cache.transpose(1, 2), v_cache.transpose(1, 2)
     # fold each KV head's query heads into rows (row = token * group + head in group), so
     # one kernel block reads a page once for the whole group. Every query is a fresh 4-D
     # buffer: torch 2.13's CPU flex lowering rejects 5-D ones and silently misreads a
     # slice with a storage offset (wrong tokens, no error).
-    by_token = q.view(1, tokens, kv_heads, group * dim).transpose(1, 2)  # (1, kv_heads, tokens, group * dim)
-    decode_mask, prompt_mask = masks
-    split = decode_mask.seq_lengths[0] // group if decode_mask is not None else 0
-    outs = []
-    for mask, part in ((decode_mask, by_token[:, :, :split]), (prompt_mask, by_token[:, :, split:])):
-        if mask is not None:
-            rows = part.contiguous().view(1, kv_heads, -1, dim)
-            outs.append(flex_attention(rows, k, v, block_mask=mask).view(1, kv_heads, -1, group * dim))
-    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)  # (1, kv_heads, tokens, group * dim)
-    return out.transpose(1, 2).reshape(tokens, heads * dim)
+    rows = q.reshape(1, n, kv_heads, -1).transpose(1, 2).contiguous().view(1, kv_heads, -1, dim)
+    out = flex_attention(rows, k_cache.transpose(1, 2), v_cache.transpose(1, 2), block_mask=mask)
+    return out.view(1, kv_heads, n, -1).transpose(1, 2).reshape(n, heads * dim)

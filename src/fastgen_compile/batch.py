@@ -32,7 +32,8 @@ class Batch:
     context_lens: torch.Tensor  # (bucket,) int32, the row's sequence length at the end of its chunk (rope scaling)
     slots: torch.Tensor  # (bucket,) int64, KV slot each token writes
     q_seq: torch.Tensor  # (bucket,) int32, owner of each row (-1: padding)
-    decode_blocks: BlockLists | None
+    decode_blocks: BlockLists | None  # FlexAttention decode region, or
+    decode_pages: torch.Tensor | None  # (decode_rows, max_pages) int32: each decode row's page table (CPU decode kernel)
     prompt_blocks: BlockLists | None
     chunk_rows: list[int]  # first row of each chunk, in plan order
     sample_rows: torch.Tensor  # (sampled,) int64, last row of each sampling chunk, in plan order
@@ -47,8 +48,11 @@ def pick_bucket(buckets: tuple[int, ...], decode_rows: int, plan: StepPlan) -> i
     raise ValueError(f"{need} rows exceed the largest bucket {buckets[-1]}")
 
 
-def pack(plan: StepPlan, bucket: int, decode_rows: int, page_size: int, q_block: int, num_pages: int, window: int | None = None) -> Batch:
-    """window: the model's sliding window; pages wholly out of a block's window are not listed."""
+def pack(
+    plan: StepPlan, bucket: int, decode_rows: int, page_size: int, q_block: int, num_pages: int, window: int | None = None, decode_table: int = 0
+) -> Batch:
+    """window: the model's sliding window; pages wholly out of a block's window are not listed.
+    decode_table: > 0, the decode region gets page tables this wide instead of block lists."""
     input_ids = np.zeros(bucket, dtype=np.int64)
     positions = np.zeros(bucket, dtype=np.int32)
     context_lens = np.zeros(bucket, dtype=np.int32)
@@ -60,23 +64,28 @@ def pack(plan: StepPlan, bucket: int, decode_rows: int, page_size: int, q_block:
     for c, region in zip(plan.chunks, in_decode_region):
         chunk_rows.append(next_row[region])
         next_row[region] += c.num_tokens
+    decode_pages = np.zeros((decode_rows, decode_table), dtype=np.int32) if decode_table and decode_rows else None
+    for c, at, in_decode in zip(plan.chunks, chunk_rows, in_decode_region):
+        n, pos = c.num_tokens, np.arange(c.start, c.start + c.num_tokens, dtype=np.int32)
+        pages = c.seq.block_table
+        input_ids[at : at + n] = c.seq.token_ids(c.start, c.start + n)
+        positions[at : at + n] = pos
+        context_lens[at : at + n] = c.start + n
+        slots[at : at + n] = np.asarray(pages, dtype=np.int64)[pos // page_size] * page_size + pos % page_size
+        q_seq[at : at + n] = c.seq.kv_id
+        if in_decode and decode_pages is not None:
+            decode_pages[at, : len(pages)] = pages
     lists: list[BlockLists | None] = []
     for in_decode, region_start, region_end, block in ((True, 0, decode_rows, 1), (False, decode_rows, bucket, q_block)):
-        if region_end == region_start:
+        if region_end == region_start or (in_decode and decode_pages is not None):
             lists.append(None)
             continue
         chunks = [(c, at) for c, at, region in zip(plan.chunks, chunk_rows, in_decode_region) if region == in_decode]
         partial, full = PageLists((region_end - region_start) // block, num_pages), PageLists((region_end - region_start) // block, num_pages)
         region_tokens = sum(c.num_tokens for c, _ in chunks)
         for chunk, at in chunks:
-            seq, n, row = chunk.seq, chunk.num_tokens, at - region_start
-            pos = np.arange(chunk.start, chunk.start + n, dtype=np.int32)
-            pages = np.asarray(seq.block_table, dtype=np.int32)
-            input_ids[at : at + n] = seq.token_ids(chunk.start, chunk.start + n)
-            positions[at : at + n] = pos
-            context_lens[at : at + n] = chunk.start + n
-            slots[at : at + n] = pages[pos // page_size] * page_size + pos % page_size
-            q_seq[at : at + n] = seq.kv_id
+            n, row = chunk.num_tokens, at - region_start
+            pages = np.asarray(chunk.seq.block_table, dtype=np.int32)
             # each query block lists the pages its tokens of this sequence can see (causal, in
             # the window); a block holding only this sequence sees some of them whole: those
             # up to its first token and, with a window, within reach of its last token
@@ -105,6 +114,7 @@ def pack(plan: StepPlan, bucket: int, decode_rows: int, page_size: int, q_block:
         slots=torch.from_numpy(slots),
         q_seq=torch.from_numpy(q_seq),
         decode_blocks=lists[0],
+        decode_pages=None if decode_pages is None else torch.from_numpy(decode_pages),
         prompt_blocks=lists[1],
         chunk_rows=chunk_rows,
         sample_rows=torch.tensor(sample_rows, dtype=torch.int64),

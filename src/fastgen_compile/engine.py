@@ -79,7 +79,7 @@ class Engine:
         self.graph_cache = None
         if config.compile and config.graph_cache:
             self.graph_cache = GraphCache.for_engine(graphs_root, self.model_name, file_identity(path), self.model.args, config, num_pages)
-        self.runner = Runner(self.model, config, num_pages, self.graph_cache)
+        self.runner = Runner(self.model, config, num_pages, self.max_model_len, graphs_root, self.graph_cache)
         self.eos_token_ids = self._eos_token_ids()
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._ids = itertools.count()
@@ -225,7 +225,7 @@ class Engine:
 
     def pack(self, plan: StepPlan, bucket: int) -> Batch:
         c = self.config
-        return pack(plan, bucket, c.decode_rows, c.page_size, c.q_block, self.blocks.num_pages, self.model.args.sliding_window)
+        return pack(plan, bucket, c.decode_rows, c.page_size, c.q_block, self.blocks.num_pages, self.model.args.sliding_window, self.runner.decode_table)
 
     def _drain_inbox(self) -> list[RequestOutput]:
         aborted = []

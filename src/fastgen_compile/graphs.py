@@ -172,6 +172,7 @@ class GraphCache:
             "page_size": c.page_size,
             "q_block": c.q_block,
             "pack_weights": c.pack_weights,
+            "decode_kernel": c.decode_kernel,
             "kv_pages": num_pages,
             "torch": torch.__version__,
             "python": sys.version.split()[0],

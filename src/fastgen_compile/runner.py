@@ -14,9 +14,11 @@ import dataclasses
 import functools
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
+from fastgen_compile import kernels
 from fastgen_compile.attention import PagedAttention, paged_attend
 from fastgen_compile.batch import Batch, BlockLists
 from fastgen_compile.config import EngineConfig
@@ -29,7 +31,7 @@ from fastgen_compile.models.rope import Rope
 log = logging.getLogger(__name__)
 
 RECOMPILE_LIMIT = 64
-DEVICE_FIELDS = ("input_ids", "positions", "context_lens", "slots", "q_seq")
+DEVICE_FIELDS = ("input_ids", "positions", "context_lens", "slots", "q_seq", "decode_pages")  # None where a path has none
 
 
 @dataclass
@@ -45,13 +47,14 @@ class BucketInputs:
         def lists(b: BlockLists | None) -> BlockLists | None:
             return b and BlockLists(*(getattr(b, f.name).to(device, copy=True) for f in dataclasses.fields(BlockLists)))
 
-        fields = {name: getattr(batch, name).to(device, copy=True) for name in DEVICE_FIELDS}
+        fields = {name: getattr(batch, name).to(device, copy=True) for name in DEVICE_FIELDS if getattr(batch, name) is not None}
         static = dataclasses.replace(batch, **fields, decode_blocks=lists(batch.decode_blocks), prompt_blocks=lists(batch.prompt_blocks))
         return cls(static, attention.block_masks(static))
 
     def fill(self, batch: Batch) -> None:
         for name in DEVICE_FIELDS:
-            getattr(self.batch, name).copy_(getattr(batch, name), non_blocking=True)
+            if (mine := getattr(self.batch, name)) is not None:
+                mine.copy_(getattr(batch, name), non_blocking=True)
         for mine, new in ((self.batch.decode_blocks, batch.decode_blocks), (self.batch.prompt_blocks, batch.prompt_blocks)):
             if mine is not None:
                 for f in dataclasses.fields(BlockLists):
@@ -59,10 +62,14 @@ class BucketInputs:
 
 
 class Runner:
-    def __init__(self, model: Decoder, config: EngineConfig, num_pages: int, graph_cache: GraphCache | None = None):
+    def __init__(self, model: Decoder, config: EngineConfig, num_pages: int, max_model_len: int, kernels_root: Path, graph_cache: GraphCache | None = None):
         args, c = model.args, config
         self.device = device = model.embed.device
         self.model = model
+        # decode rows through our CPU kernel: the width of their page tables (0: FlexAttention)
+        self.decode_table = 0
+        if c.decode_kernel and device.type == "cpu" and c.torch_kv_dtype == torch.float32 and c.decode_rows and args.head_dim % 16 == 0:
+            self.decode_table = -(-max_model_len // c.page_size) if kernels.paged_decode_available(kernels_root) else 0
         group = args.num_heads // args.num_kv_heads
         self.attention = PagedAttention(num_pages, c.page_size, c.token_budget, c.decode_rows, c.q_block, group, args.sliding_window, device)
         shape = (1, num_pages * c.page_size, args.num_kv_heads, args.head_dim)

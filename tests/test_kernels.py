@@ -1,0 +1,53 @@
+"""kernels/paged_decode.cpp against attention computed densely from the same pool."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastgen_compile import kernels
+from fastgen_compile.graphs import default_root
+
+PAGE, KV_HEADS, GROUP, DIM, PAGES = 8, 2, 3, 16, 40
+
+
+@pytest.fixture(scope="module")
+def op():
+    if not kernels.paged_decode_available(default_root()):
+        pytest.skip("no C++ compiler for the CPU kernel")
+    return torch.ops.fastgen.paged_decode
+
+
+def reference(q, k_pool, v_pool, pages, length, window):
+    """One row: its sequence's keys gathered from its pages, dense softmax attention."""
+    slots = torch.tensor([pages[p // PAGE] * PAGE + p % PAGE for p in range(length)])
+    start = max(0, length - window) if window else 0
+    k, v = k_pool[slots[start:]], v_pool[slots[start:]]  # (keys, kv_heads, dim)
+    k, v = k.repeat_interleave(GROUP, dim=1), v.repeat_interleave(GROUP, dim=1)  # query head h reads kv head h // GROUP
+    weights = torch.einsum("hd,khd->hk", q, k).mul(DIM**-0.5).softmax(dim=-1)
+    return torch.einsum("hk,khd->hd", weights, v)
+
+
+@pytest.mark.parametrize("window", [0, 11])
+def test_paged_decode_matches_dense_attention(op, window):
+    g = torch.Generator().manual_seed(window)
+    k_pool, v_pool = (torch.randn(PAGES * PAGE, KV_HEADS, DIM, generator=g) for _ in range(2))
+    lengths = [1, 7, 8, 9, 30, 0, 64]  # a page's first slot, partial and full pages, a padding row (0)
+    table = torch.zeros(len(lengths), 10, dtype=torch.int32)
+    order = torch.randperm(PAGES - 1, generator=g) + 1  # scattered pages, none shared
+    used = 0
+    for row, n in enumerate(lengths):
+        need = -(-n // PAGE)
+        table[row, :need] = order[used : used + need]
+        used += need
+    q = torch.randn(len(lengths), KV_HEADS * GROUP, DIM, generator=g)
+    out = op(q, k_pool, v_pool, table, torch.tensor(lengths, dtype=torch.int32), PAGE, window, DIM**-0.5)
+    for row, n in enumerate(lengths):
+        expected = torch.zeros_like(q[row]) if n == 0 else reference(q[row], k_pool, v_pool, table[row].tolist(), n, window)
+        torch.testing.assert_close(out[row], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_paged_decode_refuses_a_bf16_pool(op):
+    q, pool = torch.randn(1, 6, DIM), torch.randn(PAGE, KV_HEADS, DIM, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="fp32 only"):
+        op(q, pool, pool, torch.zeros(1, 1, dtype=torch.int32), torch.ones(1, dtype=torch.int32), PAGE, 0, 1.0)
