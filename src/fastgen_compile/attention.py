@@ -100,15 +100,14 @@ class PagedAttention:
 def paged_attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, masks: tuple[BlockMask | DecodeTable | None, BlockMask | None]) -> torch.Tensor:
     """q: (1, tokens, heads, dim); caches: (1, slots, kv_heads, dim) -> (tokens, heads * dim).
     The decode region is the first tokens (`masks[0]` says how many), the prompt region the rest."""
-    _, tokens, heads, dim = q.shape
-    group = heads // k_cache.shape[2]
+    _, _, heads, dim = q.shape
     decode, prompt = masks
     if isinstance(decode, DecodeTable):
         split = decode.pages.shape[0]
         table = (decode.pages, decode.lens, decode.page_size, decode.window, dim**-0.5)
         outs = [torch.ops.fastgen.paged_decode(q[0, :split].contiguous(), k_cache[0], v_cache[0], *table).view(split, heads * dim)]
     else:
-        split = decode.seq_lengths[0] // group if decode is not None else 0
+        split = decode.seq_lengths[0] // (heads // k_cache.shape[2]) if decode is not None else 0
         outs = [flex_rows(q[:, :split], k_cache, v_cache, decode)] if decode is not None else []
     if prompt is not None:
         outs.append(flex_rows(q[:, split:], k_cache, v_cache, prompt))
