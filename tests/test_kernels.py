@@ -51,3 +51,14 @@ def test_paged_decode_refuses_a_bf16_pool(op):
     q, pool = torch.randn(1, 6, DIM), torch.randn(PAGE, KV_HEADS, DIM, dtype=torch.bfloat16)
     with pytest.raises(RuntimeError, match="fp32 only"):
         op(q, pool, pool, torch.zeros(1, 1, dtype=torch.int32), torch.ones(1, dtype=torch.int32), PAGE, 0, 1.0)
+
+
+def test_a_damaged_cached_build_is_rebuilt_not_loaded(tmp_path):
+    """Loading a truncated library kills the process (SIGBUS): its checksum must send it back to the compiler."""
+    if kernels.paged_decode_available(default_root()) is False:
+        pytest.skip("no C++ compiler for the CPU kernel")
+    library = kernels._build(tmp_path)
+    built, mtime = library.read_bytes(), library.stat().st_mtime_ns
+    assert kernels._build(tmp_path) == library and library.stat().st_mtime_ns == mtime  # intact: taken as is
+    library.write_bytes(built[:1000])
+    assert kernels._build(tmp_path) == library and library.read_bytes() == built

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch.utils import cpp_extension
 
+from fastgen_compile.graphs import sha256
 from fastgen_compile.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,10 @@ def _build(root: Path) -> Path:
     compiler, flags = os.environ.get("CXX", "g++"), _flags()
     digest = hashlib.sha256("\n".join([SOURCE.read_text(), compiler, *flags, torch.__version__]).encode()).hexdigest()[:16]
     target = root / "kernels" / f"paged_decode-{digest}.so"
-    if target.is_file():
+    checksum = target.with_suffix(".sha256")
+    # loading a damaged library kills the process (SIGBUS), so one is loaded only if its
+    # checksum, written after the build, still matches
+    if target.is_file() and checksum.is_file() and checksum.read_text() == sha256(target):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_suffix(f".{os.getpid()}.tmp")
@@ -71,6 +75,7 @@ def _build(root: Path) -> Path:
         subprocess.run([compiler, str(SOURCE), "-o", str(partial), *flags], check=True, capture_output=True, text=True)
         bar.advance(task)
     partial.replace(target)  # atomic: a concurrent engine never loads half a library
+    checksum.write_text(sha256(target))
     return target
 
 
