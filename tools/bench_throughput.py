@@ -1,7 +1,10 @@
 """Offline throughput: transformers' continuous batching vs fastgen-compile, same model,
 dtype and workload, in one run. Prints a table and writes JSON.
 
-    .venv/bin/python tools/bench_throughput.py [--requests 32] [--min-prompt 64] [--max-prompt 512] [--new-tokens 64]
+    .venv/bin/python tools/bench_throughput.py [--requests 32] [--min-prompt 64] [--max-prompt 512] [--new-tokens 64] [--repeat 3]
+
+This shared 2-core machine drifts by 10-15% between minutes: --repeat alternates the systems
+and takes each one's median run, so a drift hits both.
 """
 
 from __future__ import annotations
@@ -71,6 +74,7 @@ def main() -> None:
     add_engine_flags(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-transformers", action="store_true")
+    p.add_argument("--repeat", type=int, default=1, help="run both systems this many times, alternating, and report each one's median run")
     p.add_argument("--out", default="bench_results/throughput.json")
     args = p.parse_args()
 
@@ -82,12 +86,17 @@ def main() -> None:
     tok = AutoTokenizer.from_pretrained(folder, **kwargs)
     prompts = prompts_of_lengths(tok, lengths, args.seed)
 
-    results = {"fastgen": run_fastgen(prompts, args.new_tokens, args)}
-    if not args.skip_transformers:
-        results["transformers CB"] = run_transformers(prompts, args.new_tokens, args)
+    runs: dict[str, list[dict]] = {"fastgen": [], "transformers CB": []}
+    for _ in range(args.repeat):  # alternating, so a drift of the machine's speed hits both systems
+        runs["fastgen"].append(run_fastgen(prompts, args.new_tokens, args))
+        if not args.skip_transformers:
+            runs["transformers CB"].append(run_transformers(prompts, args.new_tokens, args))
+    median = {name: sorted(rs, key=lambda r: r["seconds"])[(len(rs) - 1) // 2] for name, rs in runs.items() if rs}
+    results = {name: r | {"all_seconds": [run["seconds"] for run in runs[name]]} for name, r in median.items()}
     prompt_tokens = sum(lengths)
     base = results.get("transformers CB")
-    table = Table(title=f"{args.requests} requests, prompts {args.min_prompt}..{args.max_prompt} tokens, {args.new_tokens} new, {args.dtype}, greedy")
+    workload = f"{args.requests} requests, prompts {args.min_prompt}..{args.max_prompt} tokens, {args.new_tokens} new, {args.dtype}, greedy"
+    table = Table(title=workload + (f", median of {args.repeat} alternating runs" if args.repeat > 1 else ""))
     for col in ("system", "seconds", "requests/s", "output tok/s", "total tok/s", "x transformers"):
         table.add_column(col, justify="right")
     for r in results.values():
