@@ -13,6 +13,7 @@ import hashlib
 import logging
 import os
 import subprocess
+import threading
 from pathlib import Path
 
 import torch
@@ -26,21 +27,23 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("paged_decode.cpp")
 ISA_FLAGS = {"AVX512": ["-mavx512f", "-mavx512dq", "-mavx512vl", "-mavx512bw", "-mfma"], "AVX2": ["-mavx2", "-mfma"]}
 _loaded: bool | None = None  # this process: None not tried, else whether the op is registered
+_lock = threading.Lock()  # engines made on several threads build and register it once
 
 
 def paged_decode_available(root: Path) -> bool:
     """Build (once per source, flags and torch version) and load the paged-decode op."""
     global _loaded
-    if _loaded is None:
-        try:
-            torch.ops.load_library(str(_build(root)))
-            _register_fake()
-            _loaded = True
-        except (OSError, subprocess.CalledProcessError) as e:
-            detail = e.stderr[-2000:] if isinstance(e, subprocess.CalledProcessError) else e
-            log.warning("CPU paged-decode kernel unavailable, decode rows use FlexAttention: %s", detail)
-            _loaded = False
-    return _loaded
+    with _lock:
+        if _loaded is None:
+            try:
+                torch.ops.load_library(str(_build(root)))
+                _register_fake()
+                _loaded = True
+            except (OSError, subprocess.CalledProcessError) as e:
+                detail = e.stderr[-2000:] if isinstance(e, subprocess.CalledProcessError) else e
+                log.warning("CPU paged-decode kernel unavailable, decode rows use FlexAttention: %s", detail)
+                _loaded = False
+        return _loaded
 
 
 def _flags() -> list[str]:
