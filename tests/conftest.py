@@ -17,7 +17,7 @@ import torch
 # KV_PAGES holds every prompt of tests/test_equality.py at once (+24 new tokens each,
 # + the scratch page); test_equality asserts that, so a longer prompt set fails loudly.
 KV_PAGES = 128
-ENGINE_CONFIG = dict(dtype="float32", buckets=(16, 64), decode_rows=16, page_size=16, kv_pages=KV_PAGES, max_seqs=16, strict_recompiles=True)
+ENGINE_CONFIG = dict(dtype="float32", buckets=(16, 64), decode_rows=16, page_size=16, q_block=16, kv_pages=KV_PAGES, max_seqs=16, strict_recompiles=True)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -102,7 +102,7 @@ def test_bench_quick_run_accounts_for_every_token(tmp_path, engine_config):
     out = tmp_path / "bench"
     argv = ["bench", "--requests", "3", "--prompt-mean", "40", "--gen-mean", "5", "--clients", "1", "2", "--out", str(out),
             "--dtype", "float32", "--buckets", *map(str, engine_config["buckets"]), "--decode-rows", str(engine_config["decode_rows"]),
-            "--page-size", str(engine_config["page_size"]), "--kv-pages", str(engine_config["kv_pages"])]
+            "--page-size", str(engine_config["page_size"]), "--q-block", str(engine_config["q_block"]), "--kv-pages", str(engine_config["kv_pages"])]
     assert main(argv) == 0
     report = json.loads((out / "serving.json").read_text())
     settings, results = report["settings"], report["results"]

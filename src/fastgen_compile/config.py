@@ -23,7 +23,7 @@ class EngineConfig:
     buckets: tuple[int, ...] = (32, 96, 288)
     decode_rows: int = 32  # also the most decodes per step; 0: decodes share the prompt rows
     page_size: int = 64  # KV slots per page, also the attention kv block
-    q_block: int = 16  # prompt rows per block-mask row (decode rows always use 1)
+    q_block: int = 32  # prompt rows per block-mask row (decode rows always use 1)
     kv_dtype: str | None = None  # KV pool and attention dtype; default float32 on CPU, else dtype
     max_seqs: int = 64  # sequences in one forward pass
     max_model_len: int | None = None  # default: the model's context length
