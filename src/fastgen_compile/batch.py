@@ -64,14 +64,14 @@ def pack(
     for c, region in zip(plan.chunks, in_decode_region):
         chunk_rows.append(next_row[region])
         next_row[region] += c.num_tokens
+    page_tables = [np.asarray(c.seq.block_table, dtype=np.int64) for c in plan.chunks]
     decode_pages = np.zeros((decode_rows, decode_table), dtype=np.int32) if decode_table and decode_rows else None
-    for c, at, in_decode in zip(plan.chunks, chunk_rows, in_decode_region):
+    for c, at, in_decode, pages in zip(plan.chunks, chunk_rows, in_decode_region, page_tables):
         n, pos = c.num_tokens, np.arange(c.start, c.start + c.num_tokens, dtype=np.int32)
-        pages = c.seq.block_table
         input_ids[at : at + n] = c.seq.token_ids(c.start, c.start + n)
         positions[at : at + n] = pos
         context_lens[at : at + n] = c.start + n
-        slots[at : at + n] = np.asarray(pages, dtype=np.int64)[pos // page_size] * page_size + pos % page_size
+        slots[at : at + n] = pages[pos // page_size] * page_size + pos % page_size
         q_seq[at : at + n] = c.seq.kv_id
         if in_decode and decode_pages is not None:
             decode_pages[at, : len(pages)] = pages
@@ -80,12 +80,11 @@ def pack(
         if region_end == region_start or (in_decode and decode_pages is not None):
             lists.append(None)
             continue
-        chunks = [(c, at) for c, at, region in zip(plan.chunks, chunk_rows, in_decode_region) if region == in_decode]
+        chunks = [(c, at, pages) for c, at, region, pages in zip(plan.chunks, chunk_rows, in_decode_region, page_tables) if region == in_decode]
         partial, full = PageLists((region_end - region_start) // block, num_pages), PageLists((region_end - region_start) // block, num_pages)
-        region_tokens = sum(c.num_tokens for c, _ in chunks)
-        for chunk, at in chunks:
+        region_tokens = sum(c.num_tokens for c, _, _ in chunks)
+        for chunk, at, pages in chunks:
             n, row = chunk.num_tokens, at - region_start
-            pages = np.asarray(chunk.seq.block_table, dtype=np.int32)
             # each query block lists the pages its tokens of this sequence can see (causal, in
             # the window); a block holding only this sequence sees some of them whole: those
             # up to its first token and, with a window, within reach of its last token
