@@ -10,9 +10,9 @@ so the kernel touches nothing else. Shapes are fixed per bucket; only contents c
 
 Two regions: decode rows use 1-row query blocks (a block never mixes sequences, so no
 page is read for a sequence that does not need it); prompt rows use `q_block`-row
-blocks, so a chunk's rows share each page they read (see docs/architecture.md). On CPU
-with an fp32 pool, decode rows go to our own kernel instead (`kernels/paged_decode.cpp`),
-given each row's page table (`DecodeTable`).
+blocks, so a chunk's rows share each page they read (see docs/architecture.md). On CPU,
+decode rows go to our own kernel instead (`kernels/paged_decode.cpp`), given each row's
+page table (`DecodeTable`) and a second copy of the pool laid out for it (`LayerKV`).
 """
 
 from __future__ import annotations
@@ -23,6 +23,19 @@ import torch
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from fastgen_compile.batch import Batch, BlockLists
+
+
+class LayerKV(NamedTuple):
+    """One layer's KV pool. k, v: (1, slots, kv_heads, dim) in the pool dtype, what FlexAttention
+    reads. k_pages, v_pages: where decode rows go to the CPU kernel, the same keys and values in
+    the model's dtype (bf16 weights give bf16 keys, so the copy is exact and half the bytes the
+    kernel streams), laid out for it: keys (pages, kv_heads, dim, key_stride), transposed within
+    each page; values (slots, kv_heads, dim)."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    k_pages: torch.Tensor | None = None
+    v_pages: torch.Tensor | None = None
 
 
 class DecodeTable(NamedTuple):
@@ -97,20 +110,28 @@ class PagedAttention:
         )
 
 
-def paged_attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, masks: tuple[BlockMask | DecodeTable | None, BlockMask | None]) -> torch.Tensor:
-    """q: (1, tokens, heads, dim); caches: (1, slots, kv_heads, dim) -> (tokens, heads * dim).
-    The decode region is the first tokens (`masks[0]` says how many), the prompt region the rest."""
+def paged_attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: LayerKV, slots: torch.Tensor, masks: tuple[BlockMask | DecodeTable | None, BlockMask | None]
+) -> torch.Tensor:
+    """q, k, v: this step's (1, tokens, heads or kv_heads, dim); they are written at `slots` first,
+    so a token attends to its own sequence's past and itself. -> (tokens, heads * dim) in the pool
+    dtype. The decode region is the first tokens (`masks[0]` says how many), the prompt region the rest."""
     _, _, heads, dim = q.shape
+    kv.k.index_copy_(1, slots, k.to(kv.k.dtype))
+    kv.v.index_copy_(1, slots, v.to(kv.v.dtype))
+    q = q.to(kv.k.dtype)
     decode, prompt = masks
     if isinstance(decode, DecodeTable):
+        kv.k_pages[slots // decode.page_size, :, :, slots % decode.page_size] = k[0].to(kv.k_pages.dtype)
+        kv.v_pages.index_copy_(0, slots, v[0].to(kv.v_pages.dtype))
         split = decode.pages.shape[0]
         table = (decode.pages, decode.lens, decode.page_size, decode.window, dim**-0.5)
-        outs = [torch.ops.fastgen.paged_decode(q[0, :split].contiguous(), k_cache[0], v_cache[0], *table).view(split, heads * dim)]
+        outs = [torch.ops.fastgen.paged_decode(q[0, :split].float().contiguous(), kv.k_pages, kv.v_pages, *table).to(q.dtype).view(split, heads * dim)]
     else:
-        split = decode.seq_lengths[0] // (heads // k_cache.shape[2]) if decode is not None else 0
-        outs = [flex_rows(q[:, :split], k_cache, v_cache, decode)] if decode is not None else []
+        split = decode.seq_lengths[0] // (heads // kv.k.shape[2]) if decode is not None else 0
+        outs = [flex_rows(q[:, :split], kv.k, kv.v, decode)] if decode is not None else []
     if prompt is not None:
-        outs.append(flex_rows(q[:, split:], k_cache, v_cache, prompt))
+        outs.append(flex_rows(q[:, split:], kv.k, kv.v, prompt))
     return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 

@@ -32,7 +32,7 @@ class EngineConfig:
     kv_memory_fraction: float = 0.1  # this share of free memory
     policy: str = "splitfuse"  # or "prefill_first"
     pack_weights: bool = True  # CPU bf16: linears use weights packed once for oneDNN (models/packed.py)
-    decode_kernel: bool = True  # CPU, fp32 pool: decode rows attend through kernels/paged_decode.cpp, not FlexAttention
+    decode_kernel: bool = True  # CPU: decode rows attend through kernels/paged_decode.cpp, not FlexAttention
     compile: bool = True  # False: the same model eagerly (debugging, test reference)
     warmup: bool = True  # compile every bucket at start (else lazily on first use)
     # compiled graphs (and prepared copies of GGUF checkpoints) persist under graphs_dir/<key>/;

@@ -73,7 +73,7 @@ class Engine:
         self.max_model_len = config.max_model_len or args.max_position_embeddings
         if args.context_length is not None:
             self.max_model_len = min(self.max_model_len, args.context_length)
-        num_pages = config.num_pages(Runner.kv_bytes_per_token(self.model, config.torch_kv_dtype), self.max_model_len)
+        num_pages = config.num_pages(Runner.kv_bytes_per_token(args, config), self.max_model_len)
         self.blocks = BlockManager(num_pages, config.page_size)
         self.scheduler = Scheduler(self.blocks, config.token_budget, config.max_seqs, config.policy, config.decode_rows)
         self.graph_cache = None

@@ -19,13 +19,13 @@ from pathlib import Path
 import torch
 
 from fastgen_compile import kernels
-from fastgen_compile.attention import PagedAttention, paged_attend
+from fastgen_compile.attention import LayerKV, PagedAttention, paged_attend
 from fastgen_compile.batch import Batch, BlockLists
 from fastgen_compile.config import EngineConfig
 from fastgen_compile.errors import RecompileError
 from fastgen_compile.graphs import GraphCache
 from fastgen_compile.models import packed
-from fastgen_compile.models.decoder import Decoder, decoder_layer
+from fastgen_compile.models.decoder import Decoder, ModelArgs, decoder_layer
 from fastgen_compile.models.rope import Rope
 
 log = logging.getLogger(__name__)
@@ -68,13 +68,20 @@ class Runner:
         self.model = model
         # decode rows through our CPU kernel: the width of their page tables (0: FlexAttention)
         self.decode_table = 0
-        if c.decode_kernel and device.type == "cpu" and c.torch_kv_dtype == torch.float32 and c.decode_rows and args.head_dim % 16 == 0:
-            self.decode_table = -(-max_model_len // c.page_size) if kernels.paged_decode_available(kernels_root) else 0
+        if self.uses_decode_kernel(args, c, device) and kernels.paged_decode_available(kernels_root):
+            self.decode_table = -(-max_model_len // c.page_size)
         group = args.num_heads // args.num_kv_heads
         self.attention = PagedAttention(num_pages, c.page_size, c.token_budget, c.decode_rows, c.q_block, group, args.sliding_window, device)
-        shape = (1, num_pages * c.page_size, args.num_kv_heads, args.head_dim)
-        self.k_caches = [torch.zeros(shape, dtype=c.torch_kv_dtype, device=device) for _ in model.layers]
-        self.v_caches = [torch.zeros(shape, dtype=c.torch_kv_dtype, device=device) for _ in model.layers]
+        slots, heads, dim = num_pages * c.page_size, args.num_kv_heads, args.head_dim
+
+        def layer_kv() -> LayerKV:
+            kv = [torch.zeros((1, slots, heads, dim), dtype=c.torch_kv_dtype, device=device) for _ in range(2)]
+            if self.decode_table:
+                shapes = (num_pages, heads, dim, kernels.key_stride(c.page_size)), (slots, heads, dim)
+                kv += [torch.zeros(shape, dtype=c.torch_dtype, device=device) for shape in shapes]
+            return LayerKV(*kv)
+
+        self.kv_caches = [layer_kv() for _ in model.layers]
         self.rope = Rope(args.rope, device) if args.rope is not None else None  # None: learned positions
         self.graph_cache = graph_cache
         self.strict = c.strict_recompiles
@@ -122,9 +129,19 @@ class Runner:
             return compile_fx(gm, example_inputs)
 
     @staticmethod
-    def kv_bytes_per_token(model: Decoder, kv_dtype: torch.dtype) -> int:
-        a = model.args
-        return 2 * a.num_layers * a.num_kv_heads * a.head_dim * kv_dtype.itemsize
+    def uses_decode_kernel(args: ModelArgs, config: EngineConfig, device: torch.device) -> bool:
+        """Whether decode rows go to our CPU kernel, if it builds."""
+        return config.decode_kernel and config.decode_rows > 0 and kernels.paged_decode_fits(device, config.torch_dtype, args.head_dim)
+
+    @staticmethod
+    def kv_bytes_per_token(args: ModelArgs, config: EngineConfig) -> int:
+        """The pool FlexAttention reads, plus the decode kernel's copy where it is used."""
+        per_slot = args.num_layers * args.num_kv_heads * args.head_dim
+        total = 2 * per_slot * config.torch_kv_dtype.itemsize
+        if Runner.uses_decode_kernel(args, config, torch.device(config.device)):
+            keys = -(-kernels.key_stride(config.page_size) * per_slot // config.page_size)
+            total += (keys + per_slot) * config.torch_dtype.itemsize
+        return total
 
     @torch.inference_mode()
     def forward(self, batch: Batch) -> torch.Tensor:
@@ -154,8 +171,8 @@ class Runner:
         if self.rope is not None:
             cos, sin = self.rope.cos_sin(b.positions, b.context_lens)
         x = self.model.embed_tokens(b.input_ids, b.positions)
-        for layer, k_cache, v_cache in zip(self.model.layers, self.k_caches, self.v_caches):
-            x = self.layer(x, layer.weights(), k_cache, v_cache, cos, sin, b.slots, inputs.masks)
+        for layer, kv_cache in zip(self.model.layers, self.kv_caches):
+            x = self.layer(x, layer.weights(), kv_cache, cos, sin, b.slots, inputs.masks)
         return x
 
     @torch.inference_mode()

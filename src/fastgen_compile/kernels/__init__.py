@@ -30,6 +30,18 @@ _loaded: bool | None = None  # this process: None not tried, else whether the op
 _lock = threading.Lock()  # engines made on several threads build and register it once
 
 
+def paged_decode_fits(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether the kernel serves this model (before building it): CPU, fp32 or bf16 weights (its
+    pool keeps the model's dtype), head_dim 16 to 128 in powers of two (one register block per head)."""
+    return device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and head_dim in (16, 32, 64, 128)
+
+
+def key_stride(page_size: int) -> int:
+    """Length of a page's transposed key rows in the decode pool: page_size up to a whole number
+    of vectors (16 floats on AVX-512, the widest we build for)."""
+    return -(-page_size // 16) * 16
+
+
 def paged_decode_available(root: Path) -> bool:
     """Build (once per source, flags and torch version) and load the paged-decode op."""
     global _loaded
@@ -84,5 +96,5 @@ def _build(root: Path) -> Path:
 
 def _register_fake() -> None:
     @torch.library.register_fake("fastgen::paged_decode")
-    def _(q, k_cache, v_cache, block_table, context_lens, page_size, window, scale):
+    def _(q, k_pages, v_pages, block_table, context_lens, page_size, window, scale):
         return torch.empty_like(q)

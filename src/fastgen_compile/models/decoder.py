@@ -116,8 +116,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return out if rot == x.shape[-1] else torch.cat([out, x[..., rot:]], dim=-1)
 
 
-# attend(q, k_cache, v_cache, mask) -> (tokens, heads * head_dim); q: (1, tokens, heads, head_dim),
-# caches: (1, slots, kv_heads, head_dim)
+# attend(q, k, v, kv_cache, slots, mask) -> (tokens, heads * head_dim): writes this step's k, v
+# (1, tokens, kv_heads, head_dim) into the paged pool at slots, then attends q (1, tokens, heads,
+# head_dim) over it; the pool's layout is the attention's business (attention.paged_attend)
 AttendFn = Callable[..., torch.Tensor]
 # linear(x, weight, bias) -> x @ weight.T + bias: F.linear, or models.packed.packed_linear on CPU bf16
 LinearFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
@@ -125,20 +126,16 @@ Weights = dict[str, torch.Tensor | None]
 
 
 def attention(
-    x: torch.Tensor, w: Weights, k_cache, v_cache, cos, sin, slots, mask, a: ModelArgs, attend: AttendFn, linear: LinearFn
+    x: torch.Tensor, w: Weights, kv_cache, cos, sin, slots, mask, a: ModelArgs, attend: AttendFn, linear: LinearFn
 ) -> torch.Tensor:
-    """New keys/values are written into the paged pool at `slots` before attention, so a
-    token attends to its own sequence's past and itself."""
     n, hq, hkv, d = x.shape[0], a.num_heads, a.num_kv_heads, a.head_dim
     # 4-D all the way: torch 2.13's CPU flex lowering fails on 3-D buffers viewed as 4-D
     qkv = linear(x, w["wqkv"], w["bqkv"]).view(1, n, hq + 2 * hkv, d)
     q, k = qkv[:, :, :hq], qkv[:, :, hq : hq + hkv]
     if cos is not None:
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    kv_dtype = k_cache.dtype  # attention runs in the pool's dtype (fp32 on CPU: see docs/architecture.md)
-    k_cache.index_copy_(1, slots, k.to(kv_dtype))
-    v_cache.index_copy_(1, slots, qkv[:, :, hq + hkv :].to(kv_dtype))
-    out = attend(q.to(kv_dtype), k_cache, v_cache, mask)
+    # attention runs in the pool's dtype (fp32 on CPU: see docs/architecture.md)
+    out = attend(q, k, qkv[:, :, hq + hkv :], kv_cache, slots, mask)
     return linear(out.to(x.dtype), w["wo"], w["bo"])
 
 
@@ -170,8 +167,7 @@ def experts(x: torch.Tensor, w: Weights, a: ModelArgs) -> torch.Tensor:
 def decoder_layer(
     x: torch.Tensor,
     w: Weights,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
+    kv_cache,
     cos: torch.Tensor | None,
     sin: torch.Tensor | None,
     slots: torch.Tensor,
@@ -185,7 +181,7 @@ def decoder_layer(
     post-norm (OPT-350m): Norm(x + Attn(x)), then Norm(x + MLP(x))."""
     a = args
     h = norm(x, w["attn_norm"], w["attn_norm_bias"], a) if a.pre_norm else x
-    x = x + attention(h, w, k_cache, v_cache, cos, sin, slots, mask, a, attend, linear)
+    x = x + attention(h, w, kv_cache, cos, sin, slots, mask, a, attend, linear)
     if not a.pre_norm:
         x = norm(x, w["attn_norm"], w["attn_norm_bias"], a)
     h = norm(x, w["mlp_norm"], w["mlp_norm_bias"], a) if a.pre_norm else x
