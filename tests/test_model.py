@@ -23,6 +23,7 @@ import json
 import os
 from dataclasses import dataclass, field
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache, PreTrainedModel
@@ -118,6 +119,7 @@ class Request:
 class StepLog:
     chunks: list[tuple[Request, int, int, bool]]  # request, start, num_tokens, is_decode
     preempted: int
+    spilled: int = 0  # prompt tokens in the decode region's free rows
 
 
 def drive(engine: Engine, requests: list[Request], max_steps: int = 500) -> list[StepLog]:
@@ -143,16 +145,16 @@ def drive(engine: Engine, requests: list[Request], max_steps: int = 500) -> list
             continue
         batch = engine.pack(plan, pick_bucket(cfg.buckets, cfg.decode_rows, plan))
         # the engine samples the last row of each chunk that reaches its sequence's end
-        assert batch.sample_rows.tolist() == [row + c.num_tokens - 1 for c, row in zip(plan.chunks, batch.chunk_rows) if c.samples]
+        assert batch.sample_rows.tolist() == [rows[-1] for c, rows in zip(plan.chunks, batch.chunk_rows) if c.samples]
         assert batch.bucket >= plan.num_tokens
-        real_rows = torch.tensor([row + i for c, row in zip(plan.chunks, batch.chunk_rows) for i in range(c.num_tokens)])
+        real_rows = torch.from_numpy(np.concatenate(batch.chunk_rows))
         assert len(set(real_rows.tolist())) == plan.num_tokens and int(real_rows.max()) < batch.bucket
         logits = engine.runner.forward(dataclasses.replace(batch, sample_rows=real_rows))
         assert logits.shape == (plan.num_tokens, engine.model.args.vocab_size) and logits.dtype == torch.float32
         engine.scheduler.update(plan)
         samplers = [c.seq for c in plan.chunks if c.samples]
         row = 0
-        entry = StepLog([], len(plan.preempted))
+        entry = StepLog([], len(plan.preempted), int((real_rows < cfg.decode_rows).sum()) - plan.num_decode_tokens)
         for c in plan.chunks:
             r = by_seq[c.seq]
             for i in range(c.num_tokens):
@@ -424,16 +426,20 @@ def test_packed_linears_give_the_plain_linears_logits(tmp_path):
     torch.testing.assert_close(logits[True], logits[False], atol=0.25, rtol=0.02)
 
 
+@pytest.mark.parametrize("kernel", [True, False], ids=["cpu-kernel", "flex"])
 @pytest.mark.parametrize("name", ["llama-default-rope", "mistral-window-12"])
-def test_decode_rows_through_the_cpu_kernel_match(name, tmp_path):
-    """With a decode region on CPU, decode rows attend through kernels/paged_decode.cpp (page
-    tables, no block mask) while prompt chunks beside them stay on FlexAttention."""
-    tiny = make_tiny(tmp_path, name, buckets=(8, 24), decode_rows=8)
-    if not tiny.engine.runner.decode_table:
+def test_decode_region_matches(name, kernel, tmp_path):
+    """A decode region: decode rows, and the prompt tokens that spill into the rows decodes leave
+    free, attend through kernels/paged_decode.cpp (page tables; CPU) or FlexAttention's 1-row
+    blocks (CUDA, or where the kernel cannot be built), beside prompt chunks on FlexAttention."""
+    tiny = make_tiny(tmp_path, name, buckets=(8, 24), decode_rows=8, decode_kernel=kernel)
+    if kernel and not tiny.engine.runner.decode_table:
         pytest.skip("no C++ compiler for the CPU kernel")
+    assert bool(tiny.engine.runner.decode_table) is kernel
     a = Request(random_ids(30 + 40, seed=31), prompt_len=30)  # decodes past the window of 12, over pages of 8
     b = Request(random_ids(20 + 6, seed=32), prompt_len=20, add_at_step=3)  # its chunks run beside a's decodes
     log = drive(tiny.engine, [a, b])
     assert any(decode for step in log for _, _, _, decode in step.chunks) and any(len(step.chunks) > 1 for step in log)
+    assert any(step.spilled for step in log)  # a's first 24 tokens: 16 prompt rows + 8 decode rows
     for r in (a, b):
         assert_matches_hf(tiny, r, log)

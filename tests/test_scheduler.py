@@ -222,25 +222,25 @@ def test_long_prompt_is_split_while_decodes_advance():
     sim.assert_each_position_once()
 
 
-def test_decode_region_caps_decodes_and_keeps_the_prompt_budget():
+def test_decode_region_caps_decodes_and_prompts_fill_the_rest():
     """decode_rows=8: at most 8 running sequences, so every one decodes every step; prompt
-    chunks get budget - 8 whatever the decodes."""
+    chunks take the budget the decodes leave, the decode rows they leave free included."""
     sim = Sim(num_pages=400, page_size=8, token_budget=40, max_seqs=16, decode_rows=8)
     early = [sim.add(make_seq(i, 3, 30)) for i in range(7)]
     while sum(bool(s.output_token_ids) for s in early) < 7:
         sim.step()
     long = sim.add(make_seq(99, 200, 2))
     later = [sim.add(make_seq(100 + i, 3, 5)) for i in range(4)]
-    saw_full_prompt_region = False
+    saw_full_budget = False
     while long.num_computed < len(long.prompt_token_ids):
         plan = sim.step().plan
         decodes = plan.num_decode_tokens
         prompt = plan.num_tokens - decodes
-        assert decodes <= 8 and prompt <= 32 and len(sim.sched.running) <= 8
+        assert decodes <= 8 and decodes + prompt <= 40 and len(sim.sched.running) <= 8
         assert all(s in [c.seq for c in plan.chunks] for s in sim.sched.running if s.output_token_ids)  # nobody starves
-        saw_full_prompt_region |= prompt == 32
+        saw_full_budget |= decodes < 8 and decodes + prompt == 40  # prompt tokens in free decode rows
     assert all(not s.output_token_ids for s in later)  # admitted only as running ones finish
-    assert saw_full_prompt_region
+    assert saw_full_budget
     sim.run(max_steps=400)
     sim.assert_all_done()
     sim.assert_each_position_once()

@@ -42,7 +42,7 @@ class DecodeTable(NamedTuple):
     """The decode region for `torch.ops.fastgen.paged_decode`: views of the bucket's buffers."""
 
     pages: torch.Tensor  # (decode_rows, max_pages) int32, each row's page table
-    lens: torch.Tensor  # (decode_rows,) int32, each row's sequence length (0: padding)
+    lens: torch.Tensor  # (decode_rows,) int32, keys each row sees: its position + 1 (0: padding)
     page_size: int
     window: int  # 0: none
 
@@ -89,7 +89,7 @@ class PagedAttention:
         """The masks over batch's block lists (device tensors), which they keep: refill those lists
         in place and the same masks serve the next step."""
         if batch.decode_pages is not None:
-            decode = DecodeTable(batch.decode_pages, batch.context_lens[: self.decode_rows], self.page_size, self.window or 0)
+            decode = DecodeTable(batch.decode_pages, batch.decode_lens, self.page_size, self.window or 0)
         else:
             decode = batch.decode_blocks and self._mask(batch.decode_blocks, 1, self.decode_rows, self.decode_mask_mod)
         prompt = batch.prompt_blocks and self._mask(batch.prompt_blocks, self.q_block, batch.bucket - self.decode_rows, self.prompt_mask_mod)

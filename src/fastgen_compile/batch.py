@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from fastgen_compile.block_manager import SCRATCH_PAGE
-from fastgen_compile.scheduler import StepPlan
+from fastgen_compile.scheduler import Chunk, StepPlan
 
 
 @dataclass
@@ -23,7 +23,8 @@ class BlockLists:
 
 @dataclass
 class Batch:
-    """Rows [0, decode_rows) hold decode tokens (1-row query blocks), the rest prompt chunks."""
+    """Rows [0, decode_rows) hold decode tokens (1-row query blocks) and, where decodes leave
+    rows free, the tail of the last prompt chunk; the rest hold prompt chunks."""
 
     bucket: int  # padded token count: the compiled shape
     decode_rows: int
@@ -34,18 +35,52 @@ class Batch:
     q_seq: torch.Tensor  # (bucket,) int32, owner of each row (-1: padding)
     decode_blocks: BlockLists | None  # FlexAttention decode region, or
     decode_pages: torch.Tensor | None  # (decode_rows, max_pages) int32: each decode row's page table (CPU decode kernel)
+    decode_lens: torch.Tensor | None  # (decode_rows,) int32: keys each decode row sees, its position + 1 (0: padding)
     prompt_blocks: BlockLists | None
-    chunk_rows: list[int]  # first row of each chunk, in plan order
+    chunk_rows: list[np.ndarray]  # rows of each chunk's tokens, in plan order
     sample_rows: torch.Tensor  # (sampled,) int64, last row of each sampling chunk, in plan order
 
 
+@dataclass(frozen=True)
+class Piece:
+    """Consecutive tokens of one chunk placed in consecutive rows of one region."""
+
+    chunk: Chunk
+    start: int  # first position
+    num_tokens: int
+    row: int  # first row
+    in_decode_region: bool
+
+
 def pick_bucket(buckets: tuple[int, ...], decode_rows: int, plan: StepPlan) -> int:
-    decodes = plan.num_decode_tokens
-    need = plan.num_tokens - decodes + max(decode_rows, decodes)
+    """The smallest bucket holding the plan: prompt tokens spill into decode rows the decodes leave free."""
+    need = max(decode_rows, plan.num_tokens)
     for b in buckets:
         if b >= need:
             return b
     raise ValueError(f"{need} rows exceed the largest bucket {buckets[-1]}")
+
+
+def place(plan: StepPlan, bucket: int, decode_rows: int) -> list[Piece]:
+    """Rows for every token: decodes from row 0, prompt chunks from row decode_rows in plan
+    order; what does not fit there goes to the free decode rows (decode_rows 0: one region)."""
+    pieces, decode_next, prompt_next = [], 0, decode_rows
+    for c in plan.chunks:
+        if c.is_decode and decode_rows:
+            pieces.append(Piece(c, c.start, c.num_tokens, decode_next, True))
+            decode_next += c.num_tokens
+    for c in plan.chunks:
+        if c.is_decode and decode_rows:
+            continue
+        in_prompt = min(c.num_tokens, bucket - prompt_next)
+        if in_prompt:
+            pieces.append(Piece(c, c.start, in_prompt, prompt_next, False))
+            prompt_next += in_prompt
+        if in_prompt < c.num_tokens:
+            pieces.append(Piece(c, c.start + in_prompt, c.num_tokens - in_prompt, decode_next, True))
+            decode_next += c.num_tokens - in_prompt
+    assert decode_next <= decode_rows, "plan exceeds the bucket"
+    return pieces
 
 
 def pack(
@@ -58,39 +93,38 @@ def pack(
     context_lens = np.zeros(bucket, dtype=np.int32)
     slots = np.full(bucket, SCRATCH_PAGE * page_size, dtype=np.int64)
     q_seq = np.full(bucket, -1, dtype=np.int32)
-    # rows in plan order: decodes fill the decode region, prompt chunks the rest
-    in_decode_region = [c.is_decode and decode_rows > 0 for c in plan.chunks]
-    chunk_rows, next_row = [], {False: decode_rows, True: 0}
-    for c, region in zip(plan.chunks, in_decode_region):
-        chunk_rows.append(next_row[region])
-        next_row[region] += c.num_tokens
-    page_tables = [np.asarray(c.seq.block_table, dtype=np.int64) for c in plan.chunks]
-    decode_pages = np.zeros((decode_rows, decode_table), dtype=np.int32) if decode_table and decode_rows else None
-    for c, at, in_decode, pages in zip(plan.chunks, chunk_rows, in_decode_region, page_tables):
-        n, pos = c.num_tokens, np.arange(c.start, c.start + c.num_tokens, dtype=np.int32)
-        input_ids[at : at + n] = c.seq.token_ids(c.start, c.start + n)
+    pieces = place(plan, bucket, decode_rows)
+    page_tables = {id(c): np.asarray(c.seq.block_table, dtype=np.int64) for c in plan.chunks}
+    use_table = bool(decode_table and decode_rows)
+    decode_pages = np.zeros((decode_rows, decode_table), dtype=np.int32) if use_table else None
+    decode_lens = np.zeros(decode_rows, dtype=np.int32) if use_table else None
+    for p in pieces:
+        c, at, n, pages = p.chunk, p.row, p.num_tokens, page_tables[id(p.chunk)]
+        pos = np.arange(p.start, p.start + n, dtype=np.int32)
+        input_ids[at : at + n] = c.seq.token_ids(p.start, p.start + n)
         positions[at : at + n] = pos
-        context_lens[at : at + n] = c.start + n
+        context_lens[at : at + n] = c.start + c.num_tokens
         slots[at : at + n] = pages[pos // page_size] * page_size + pos % page_size
         q_seq[at : at + n] = c.seq.kv_id
-        if in_decode and decode_pages is not None:
-            decode_pages[at, : len(pages)] = pages
+        if p.in_decode_region and use_table:
+            decode_pages[at : at + n, : len(pages)] = pages
+            decode_lens[at : at + n] = pos + 1
     lists: list[BlockLists | None] = []
     for in_decode, region_start, region_end, block in ((True, 0, decode_rows, 1), (False, decode_rows, bucket, q_block)):
-        if region_end == region_start or (in_decode and decode_pages is not None):
+        if region_end == region_start or (in_decode and use_table):
             lists.append(None)
             continue
-        chunks = [(c, at, pages) for c, at, region, pages in zip(plan.chunks, chunk_rows, in_decode_region, page_tables) if region == in_decode]
+        region = [p for p in pieces if p.in_decode_region == in_decode]
         partial, full = PageLists((region_end - region_start) // block, num_pages), PageLists((region_end - region_start) // block, num_pages)
-        region_tokens = sum(c.num_tokens for c, _, _ in chunks)
-        for chunk, at, pages in chunks:
-            n, row = chunk.num_tokens, at - region_start
+        region_tokens = sum(p.num_tokens for p in region)
+        for p in region:
+            n, row, pages = p.num_tokens, p.row - region_start, page_tables[id(p.chunk)]
             # each query block lists the pages its tokens of this sequence can see (causal, in
             # the window); a block holding only this sequence sees some of them whole: those
             # up to its first token and, with a window, within reach of its last token
             blocks = np.arange(row // block, (row + n - 1) // block + 1)
-            first = chunk.start + np.maximum(blocks * block, row) - row  # positions of the block's first
-            last = chunk.start + np.minimum((blocks + 1) * block, row + n) - 1 - row  # and last token
+            first = p.start + np.maximum(blocks * block, row) - row  # positions of the block's first
+            last = p.start + np.minimum((blocks + 1) * block, row + n) - 1 - row  # and last token
             alone = (blocks * block >= row) & (np.minimum((blocks + 1) * block, region_tokens) <= row + n)
             if window is None:
                 lo = full_lo = np.zeros_like(blocks)
@@ -103,7 +137,8 @@ def pack(
             partial.extend(blocks, lo, full_lo, pages)
             partial.extend(blocks, full_hi, n_visible, pages)
         lists.append(BlockLists(partial.counts(), partial.indices(), full.counts(), full.indices()))
-    sample_rows = [row + c.num_tokens - 1 for c, row in zip(plan.chunks, chunk_rows) if c.samples]
+    chunk_rows = [np.concatenate([np.arange(p.row, p.row + p.num_tokens) for p in pieces if p.chunk is c]) for c in plan.chunks]
+    sample_rows = [rows[-1] for c, rows in zip(plan.chunks, chunk_rows) if c.samples]
     return Batch(
         bucket=bucket,
         decode_rows=decode_rows,
@@ -114,6 +149,7 @@ def pack(
         q_seq=torch.from_numpy(q_seq),
         decode_blocks=lists[0],
         decode_pages=None if decode_pages is None else torch.from_numpy(decode_pages),
+        decode_lens=None if decode_lens is None else torch.from_numpy(decode_lens),
         prompt_blocks=lists[1],
         chunk_rows=chunk_rows,
         sample_rows=torch.tensor(sample_rows, dtype=torch.int64),

@@ -31,7 +31,7 @@ from fastgen_compile.models.rope import Rope
 log = logging.getLogger(__name__)
 
 RECOMPILE_LIMIT = 64
-DEVICE_FIELDS = ("input_ids", "positions", "context_lens", "slots", "q_seq", "decode_pages")  # None where a path has none
+DEVICE_FIELDS = ("input_ids", "positions", "context_lens", "slots", "q_seq", "decode_pages", "decode_lens")  # None where a path has none
 
 
 @dataclass

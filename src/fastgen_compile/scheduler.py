@@ -48,8 +48,9 @@ class StepPlan:
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, token_budget: int, max_seqs: int, policy: str = "splitfuse", decode_rows: int = 0):
-        """decode_rows > 0: decodes get their own region of that many rows in every step and
-        prompt chunks share the rest of the budget; 0: decodes and prompts share it all."""
+        """decode_rows > 0: decodes get their own region of that many rows in every step, at
+        most that many decodes; prompt chunks take the rest of the budget, rows the decodes
+        leave free included (batch.place); 0: decodes and prompts share it all."""
         if policy not in POLICIES:
             raise ConfigError(f"unknown scheduling policy {policy!r}; choose one of {', '.join(POLICIES)}")
         self.blocks, self.token_budget, self.max_seqs, self.policy = block_manager, token_budget, max_seqs, policy
@@ -97,10 +98,9 @@ class Scheduler:
     def _room(self, plan: StepPlan, decode: bool = False) -> int:
         if len(plan.chunks) >= self.max_seqs:
             return 0
-        decodes = plan.num_decode_tokens
         if decode and self.decode_rows:
-            return self.decode_rows - decodes
-        return self.token_budget - max(decodes, self.decode_rows) - (plan.num_tokens - decodes)
+            return self.decode_rows - plan.num_decode_tokens
+        return self.token_budget - plan.num_tokens
 
     def _add_decode(self, seq: Sequence, plan: StepPlan) -> None:
         if seq.status is not Status.RUNNING or self._room(plan, decode=True) < 1:
