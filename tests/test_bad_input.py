@@ -20,6 +20,8 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from fastgen_compile import LLM, EngineDied, ModelLoadError, RequestError, SamplingParams
+from fastgen_compile.config import EngineConfig
+from fastgen_compile.errors import ConfigError
 from fastgen_compile.models.loader import embedded_model_path, load
 from tiny_llama import VOCAB, one_torch_thread, save_tiny, save_tiny_llama, tiny_config  # noqa: F401 (autouse fixture)
 
@@ -282,3 +284,16 @@ def test_a_failing_engine_loop_fails_every_caller_instead_of_hanging(tiny_folder
     assert "simulated kernel failure" in str(died.value.__cause__)
     with pytest.raises(EngineDied, match="failed earlier"):
         llm.generate(VALID_PROMPT, VALID_PARAMS)
+
+
+@pytest.mark.parametrize(
+    ("knobs", "error"),
+    [
+        (dict(buckets=(32, 100), decode_rows=32, q_block=32), "decode_rows plus a multiple of q_block=32: \\[100\\]"),
+        (dict(buckets=(8, 16), decode_rows=16, q_block=16), "must leave rows for prompts"),
+        (dict(buckets=(0, 64), decode_rows=16, q_block=16), "positive token counts"),
+    ],
+)
+def test_bad_bucket_configs_get_clear_errors(knobs, error):
+    with pytest.raises(ConfigError, match=error):
+        EngineConfig(**knobs)

@@ -120,6 +120,7 @@ class StepLog:
     chunks: list[tuple[Request, int, int, bool]]  # request, start, num_tokens, is_decode
     preempted: int
     spilled: int = 0  # prompt tokens in the decode region's free rows
+    bucket: int = 0
 
 
 def drive(engine: Engine, requests: list[Request], max_steps: int = 500) -> list[StepLog]:
@@ -143,7 +144,7 @@ def drive(engine: Engine, requests: list[Request], max_steps: int = 500) -> list
         if not plan.chunks:
             log.append(StepLog([], len(plan.preempted)))
             continue
-        batch = engine.pack(plan, pick_bucket(cfg.buckets, cfg.decode_rows, plan))
+        batch = engine.pack(plan, pick_bucket(cfg.buckets, plan))
         # the engine samples the last row of each chunk that reaches its sequence's end
         assert batch.sample_rows.tolist() == [rows[-1] for c, rows in zip(plan.chunks, batch.chunk_rows) if c.samples]
         assert batch.bucket >= plan.num_tokens
@@ -154,7 +155,7 @@ def drive(engine: Engine, requests: list[Request], max_steps: int = 500) -> list
         engine.scheduler.update(plan)
         samplers = [c.seq for c in plan.chunks if c.samples]
         row = 0
-        entry = StepLog([], len(plan.preempted), int((real_rows < cfg.decode_rows).sum()) - plan.num_decode_tokens)
+        entry = StepLog([], len(plan.preempted), int((real_rows < cfg.decode_rows).sum()) - plan.num_decode_tokens, batch.bucket)
         for c in plan.chunks:
             r = by_seq[c.seq]
             for i in range(c.num_tokens):
@@ -313,7 +314,7 @@ def test_sliding_window_lists_only_the_pages_in_reach(tmp_path):
     (seq,) = engine.scheduler.running
     plan = engine.scheduler.schedule()
     assert [(c.start, c.num_tokens) for c in plan.chunks] == [(75, 1)]
-    lists = engine.pack(plan, pick_bucket(engine.config.buckets, engine.config.decode_rows, plan)).prompt_blocks
+    lists = engine.pack(plan, pick_bucket(engine.config.buckets, plan)).prompt_blocks
     assert lists.full_num_blocks[0, 0, 0] == 1 and lists.full_indices[0, 0, 0, 0] == seq.block_table[8]
     assert lists.kv_num_blocks[0, 0, 0] == 1 and lists.kv_indices[0, 0, 0, 0] == seq.block_table[9]
 
@@ -431,8 +432,9 @@ def test_packed_linears_give_the_plain_linears_logits(tmp_path):
 def test_decode_region_matches(name, kernel, tmp_path):
     """A decode region: decode rows, and the prompt tokens that spill into the rows decodes leave
     free, attend through kernels/paged_decode.cpp (page tables; CPU) or FlexAttention's 1-row
-    blocks (CUDA, or where the kernel cannot be built), beside prompt chunks on FlexAttention."""
-    tiny = make_tiny(tmp_path, name, buckets=(8, 24), decode_rows=8, decode_kernel=kernel)
+    blocks (CUDA, or where the kernel cannot be built), beside prompt chunks on FlexAttention;
+    bucket 4 is decode rows only (a step of a few decodes)."""
+    tiny = make_tiny(tmp_path, name, buckets=(4, 8, 24), decode_rows=8, decode_kernel=kernel)
     if kernel and not tiny.engine.runner.decode_table:
         pytest.skip("no C++ compiler for the CPU kernel")
     assert bool(tiny.engine.runner.decode_table) is kernel
@@ -441,5 +443,6 @@ def test_decode_region_matches(name, kernel, tmp_path):
     log = drive(tiny.engine, [a, b])
     assert any(decode for step in log for _, _, _, decode in step.chunks) and any(len(step.chunks) > 1 for step in log)
     assert any(step.spilled for step in log)  # a's first 24 tokens: 16 prompt rows + 8 decode rows
+    assert {step.bucket for step in log} == {4, 8, 24}
     for r in (a, b):
         assert_matches_hf(tiny, r, log)

@@ -91,8 +91,8 @@ class PagedAttention:
         if batch.decode_pages is not None:
             decode = DecodeTable(batch.decode_pages, batch.decode_lens, self.page_size, self.window or 0)
         else:
-            decode = batch.decode_blocks and self._mask(batch.decode_blocks, 1, self.decode_rows, self.decode_mask_mod)
-        prompt = batch.prompt_blocks and self._mask(batch.prompt_blocks, self.q_block, batch.bucket - self.decode_rows, self.prompt_mask_mod)
+            decode = batch.decode_blocks and self._mask(batch.decode_blocks, 1, batch.decode_rows, self.decode_mask_mod)
+        prompt = batch.prompt_blocks and self._mask(batch.prompt_blocks, self.q_block, batch.bucket - batch.decode_rows, self.prompt_mask_mod)
         return decode, prompt
 
     def _mask(self, lists: BlockLists, q_block: int, rows: int, mask_mod) -> BlockMask:

@@ -52,13 +52,14 @@ class Piece:
     in_decode_region: bool
 
 
-def pick_bucket(buckets: tuple[int, ...], decode_rows: int, plan: StepPlan) -> int:
-    """The smallest bucket holding the plan: prompt tokens spill into decode rows the decodes leave free."""
-    need = max(decode_rows, plan.num_tokens)
+def pick_bucket(buckets: tuple[int, ...], plan: StepPlan) -> int:
+    """The smallest bucket holding the plan: prompt tokens spill into decode rows the decodes
+    leave free, and a bucket below decode_rows is all decode rows, so any bucket with a row
+    for every token will do."""
     for b in buckets:
-        if b >= need:
+        if b >= plan.num_tokens:
             return b
-    raise ValueError(f"{need} rows exceed the largest bucket {buckets[-1]}")
+    raise ValueError(f"{plan.num_tokens} rows exceed the largest bucket {buckets[-1]}")
 
 
 def place(plan: StepPlan, bucket: int, decode_rows: int) -> list[Piece]:

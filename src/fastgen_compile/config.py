@@ -19,8 +19,9 @@ class EngineConfig:
     dtype: str = "bfloat16"
     device: str = "cpu"
     # row counts the forward pass is compiled for; the largest is the SplitFuse token budget.
-    # Every bucket starts with `decode_rows` rows for decode tokens; the rest take prompt chunks.
-    buckets: tuple[int, ...] = (32, 96, 288)
+    # Every bucket starts with `decode_rows` rows for decode tokens (buckets below it hold only
+    # those: quick steps for a few decodes); the rest take prompt chunks.
+    buckets: tuple[int, ...] = (8, 32, 96, 288)
     decode_rows: int = 32  # also the most decodes per step; 0: decodes share the prompt rows
     page_size: int = 64  # KV slots per page, also the attention kv block
     q_block: int = 32  # prompt rows per block-mask row (decode rows always use 1)
@@ -51,10 +52,11 @@ class EngineConfig:
             raise ConfigError(f"buckets must be positive token counts, got {self.buckets}")
         if self.q_block < 1 or self.decode_rows < 0:
             raise ConfigError("q_block must be >= 1 and decode_rows >= 0")
-        bad = [b for b in self.buckets if b < self.decode_rows or (b - self.decode_rows) % self.q_block]
+        bad = [b for b in self.buckets if b > self.decode_rows and (b - self.decode_rows) % self.q_block]
         if bad:
-            raise ConfigError(f"every bucket must be decode_rows={self.decode_rows} plus a multiple of q_block={self.q_block}: {bad}")
-        if self.buckets[-1] == self.decode_rows:
+            rule = f"at most decode_rows={self.decode_rows} (decode rows only) or decode_rows plus a multiple of q_block={self.q_block}"
+            raise ConfigError(f"every bucket must be {rule}: {bad}")
+        if self.buckets[-1] <= self.decode_rows:
             raise ConfigError(f"the largest bucket must leave rows for prompts beyond decode_rows={self.decode_rows}")
         if self.policy not in POLICIES:
             raise ConfigError(f"policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")

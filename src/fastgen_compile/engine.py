@@ -192,7 +192,7 @@ class Engine:
             return outputs
         t0 = time.perf_counter()
         decode_tokens = plan.num_decode_tokens
-        bucket = pick_bucket(self.config.buckets, self.config.decode_rows, plan)
+        bucket = pick_bucket(self.config.buckets, plan)
         batch = self.pack(plan, bucket)
         # without warmup, a bucket's first use compiles (or loads) its graph
         logits = self.runner.forward(batch) if self.warm else self._compiling(bucket, lambda: self.runner.forward(batch), save=True)
@@ -225,7 +225,8 @@ class Engine:
 
     def pack(self, plan: StepPlan, bucket: int) -> Batch:
         c = self.config
-        return pack(plan, bucket, c.decode_rows, c.page_size, c.q_block, self.blocks.num_pages, self.model.args.sliding_window, self.runner.decode_table)
+        decode_rows = min(bucket, c.decode_rows)  # a bucket below decode_rows is all decode rows
+        return pack(plan, bucket, decode_rows, c.page_size, c.q_block, self.blocks.num_pages, self.model.args.sliding_window, self.runner.decode_table)
 
     def _drain_inbox(self) -> list[RequestOutput]:
         aborted = []
