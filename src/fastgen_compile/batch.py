@@ -45,6 +45,7 @@ class Batch:
 class Piece:
     """Consecutive tokens of one chunk placed in consecutive rows of one region."""
 
+    index: int  # the chunk's place in the plan
     chunk: Chunk
     start: int  # first position
     num_tokens: int
@@ -66,19 +67,19 @@ def place(plan: StepPlan, bucket: int, decode_rows: int) -> list[Piece]:
     """Rows for every token: decodes from row 0, prompt chunks from row decode_rows in plan
     order; what does not fit there goes to the free decode rows (decode_rows 0: one region)."""
     pieces, decode_next, prompt_next = [], 0, decode_rows
-    for c in plan.chunks:
+    for i, c in enumerate(plan.chunks):
         if c.is_decode and decode_rows:
-            pieces.append(Piece(c, c.start, c.num_tokens, decode_next, True))
+            pieces.append(Piece(i, c, c.start, c.num_tokens, decode_next, True))
             decode_next += c.num_tokens
-    for c in plan.chunks:
+    for i, c in enumerate(plan.chunks):
         if c.is_decode and decode_rows:
             continue
         in_prompt = min(c.num_tokens, bucket - prompt_next)
         if in_prompt:
-            pieces.append(Piece(c, c.start, in_prompt, prompt_next, False))
+            pieces.append(Piece(i, c, c.start, in_prompt, prompt_next, False))
             prompt_next += in_prompt
         if in_prompt < c.num_tokens:
-            pieces.append(Piece(c, c.start + in_prompt, c.num_tokens - in_prompt, decode_next, True))
+            pieces.append(Piece(i, c, c.start + in_prompt, c.num_tokens - in_prompt, decode_next, True))
             decode_next += c.num_tokens - in_prompt
     assert decode_next <= decode_rows, "plan exceeds the bucket"
     return pieces
@@ -95,12 +96,14 @@ def pack(
     slots = np.full(bucket, SCRATCH_PAGE * page_size, dtype=np.int64)
     q_seq = np.full(bucket, -1, dtype=np.int32)
     pieces = place(plan, bucket, decode_rows)
-    page_tables = {id(c): np.asarray(c.seq.block_table, dtype=np.int64) for c in plan.chunks}
+    page_tables = [np.asarray(c.seq.block_table, dtype=np.int64) for c in plan.chunks]
+    rows_of: list[list[np.ndarray]] = [[] for _ in plan.chunks]
     use_table = bool(decode_table and decode_rows)
     decode_pages = np.zeros((decode_rows, decode_table), dtype=np.int32) if use_table else None
     decode_lens = np.zeros(decode_rows, dtype=np.int32) if use_table else None
     for p in pieces:
-        c, at, n, pages = p.chunk, p.row, p.num_tokens, page_tables[id(p.chunk)]
+        c, at, n, pages = p.chunk, p.row, p.num_tokens, page_tables[p.index]
+        rows_of[p.index].append(np.arange(at, at + n))
         pos = np.arange(p.start, p.start + n, dtype=np.int32)
         input_ids[at : at + n] = c.seq.token_ids(p.start, p.start + n)
         positions[at : at + n] = pos
@@ -119,7 +122,7 @@ def pack(
         partial, full = PageLists((region_end - region_start) // block, num_pages), PageLists((region_end - region_start) // block, num_pages)
         region_tokens = sum(p.num_tokens for p in region)
         for p in region:
-            n, row, pages = p.num_tokens, p.row - region_start, page_tables[id(p.chunk)]
+            n, row, pages = p.num_tokens, p.row - region_start, page_tables[p.index]
             # each query block lists the pages its tokens of this sequence can see (causal, in
             # the window); a block holding only this sequence sees some of them whole: those
             # up to its first token and, with a window, within reach of its last token
@@ -138,7 +141,7 @@ def pack(
             partial.extend(blocks, lo, full_lo, pages)
             partial.extend(blocks, full_hi, n_visible, pages)
         lists.append(BlockLists(partial.counts(), partial.indices(), full.counts(), full.indices()))
-    chunk_rows = [np.concatenate([np.arange(p.row, p.row + p.num_tokens) for p in pieces if p.chunk is c]) for c in plan.chunks]
+    chunk_rows = [np.concatenate(rows) for rows in rows_of]
     sample_rows = [rows[-1] for c, rows in zip(plan.chunks, chunk_rows) if c.samples]
     return Batch(
         bucket=bucket,

@@ -55,8 +55,8 @@ struct Prefetcher {
 
 // q: (rows, heads, NV * W) fp32; k_pages: (pages, kv_heads, NV * W, key_stride); v_pages:
 // (pages * page_size, kv_heads, NV * W); block_table: (rows, max_pages) int32; context_lens:
-// (rows,) int32, the row's sequence length with its new token (0: a padding row, left zero);
-// a row sees keys in [len - window, len).
+// (rows,) int32, the keys a row sees, its position + 1 (0: a padding row, left zero); with a
+// window, only those in [len - window, len).
 template <typename kv_t, int64_t NV>
 void decode_rows(const at::Tensor& q, const at::Tensor& k_pages, const at::Tensor& v_pages, const at::Tensor& block_table,
                  const at::Tensor& context_lens, int64_t page_size, int64_t window, float scale, at::Tensor& out) {
@@ -70,26 +70,26 @@ void decode_rows(const at::Tensor& q, const at::Tensor& k_pages, const at::Tenso
   const int32_t* table = block_table.data_ptr<int32_t>();
   const int32_t* lens = context_lens.data_ptr<int32_t>();
   float* op = out.data_ptr<float>();
-  const auto first_page = [&](int64_t len) { return (window > 0 ? std::max<int64_t>(0, len - window) : 0) / page_size; };
+  const auto first_key = [&](int64_t len) { return window > 0 ? std::max<int64_t>(0, len - window) : 0; };
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qs(heads * dim), score(key_stride), acc(heads * dim), mx(heads), sum(heads);
     Prefetcher ahead;
     for (int64_t row = begin; row < end; ++row) {
       const int64_t len = lens[row];
       if (len <= 0) continue;
-      const int64_t lo = window > 0 ? std::max<int64_t>(0, len - window) : 0;  // first key the row sees
+      const int64_t lo = first_key(len);
       for (int64_t i = 0; i < heads * dim; ++i) qs[i] = qp[row * heads * dim + i] * scale;
       const int32_t* pages = table + row * max_pages;
       std::fill(acc.begin(), acc.end(), 0.f);
       std::fill(mx.begin(), mx.end(), kNegInf);
       std::fill(sum.begin(), sum.end(), 0.f);
-      for (int64_t pg = first_page(len); pg * page_size < len; ++pg) {
+      for (int64_t pg = lo / page_size; pg * page_size < len; ++pg) {
         // the page after this one, the row's next or the next row's first, comes in while this one computes
         int64_t next = -1;
         if ((pg + 1) * page_size < len)
           next = pages[pg + 1];
         else if (row + 1 < end && lens[row + 1] > 0)
-          next = table[(row + 1) * max_pages + first_page(lens[row + 1])];
+          next = table[(row + 1) * max_pages + first_key(lens[row + 1]) / page_size];
         if (next >= 0)
           ahead.start(kp + next * k_page, k_page, vp + next * v_page, v_page, heads * key_stride / W);
         else
