@@ -23,11 +23,11 @@ ENGINE_CONFIG = dict(dtype="float32", buckets=(16, 64), decode_rows=16, page_siz
 @pytest.fixture(scope="session", autouse=True)
 def graphs_dir(tmp_path_factory):
     """Persisted graphs go to a folder of this session, never the checkout's graphs/."""
-    from fastgen_compile.graphs import GRAPHS_ENV
+    from fastgen_compile.artifacts import ROOT_ENV
 
     folder = tmp_path_factory.mktemp("graphs")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(GRAPHS_ENV, str(folder))
+        mp.setenv(ROOT_ENV, str(folder))
         yield folder
 
 
@@ -83,9 +83,9 @@ def llm_eager():
 
 def _idle_free_pages(llm) -> int:
     """Free pages of an engine that holds no sequence: all but the scratch page."""
-    from fastgen_compile.block_manager import SCRATCH_PAGES
+    from fastgen_compile.engine.pages import SCRATCH_PAGES
 
-    return llm.engine.blocks.num_pages - SCRATCH_PAGES
+    return llm.engine.pages.num_pages - SCRATCH_PAGES
 
 
 def _wait_idle(llm, timeout: float = 120.0) -> bool:
@@ -94,7 +94,7 @@ def _wait_idle(llm, timeout: float = 120.0) -> bool:
     deadline = time.monotonic() + timeout
     idle = _idle_free_pages(llm)
     while time.monotonic() < deadline:
-        if not llm.engine.has_work() and llm.engine.blocks.num_free == idle and not llm._listeners:
+        if not llm.engine.has_work() and llm.engine.pages.num_free == idle and not llm.loop.num_pending:
             return True
         time.sleep(0.05)
     return False

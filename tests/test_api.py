@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from fastgen_compile import SamplingParams
-from fastgen_compile.api import Pipeline
+from fastgen_compile.entrypoints.llm import Pipeline
 
 GREEDY = SamplingParams(max_new_tokens=16, temperature=0)
 SEEDED = SamplingParams(max_new_tokens=16, temperature=0.8, top_p=0.9, seed=123, ignore_eos=True)
@@ -21,16 +21,14 @@ def llm(llm_compiled, wait_idle, idle_free_pages):
     assert wait_idle(llm_compiled)
     yield llm_compiled
     assert wait_idle(llm_compiled), "a request is still running or KV pages leaked"
-    assert llm_compiled.engine.blocks.num_free == idle_free_pages(llm_compiled)
-    assert not llm_compiled._listeners, "finished or aborted requests left listeners behind"
+    assert llm_compiled.engine.pages.num_free == idle_free_pages(llm_compiled)
+    assert not llm_compiled.loop.num_pending, "finished or aborted requests left sinks behind"
 
 
 def _abort_everything(llm) -> None:
     """Cleanup after a failed abort check, so later tests find an idle engine."""
     for rid in list(llm.engine._seqs):
-        llm.engine.abort(rid)
-    with llm._work:
-        llm._work.notify()
+        llm.loop.abort(rid)
 
 
 # ---- stream -------------------------------------------------------------------------------
@@ -75,7 +73,7 @@ def test_breaking_out_of_a_stream_aborts_the_request(llm, wait_idle, idle_free_p
             break
     assert received == 3
     assert wait_idle(llm, timeout=60)
-    assert llm.engine.blocks.num_free == idle
+    assert llm.engine.pages.num_free == idle
     # aborted after a handful of steps, not run to its 1000 tokens
     assert llm.engine.num_steps - steps_before < 100
 
@@ -86,10 +84,10 @@ def test_closing_a_started_stream_aborts_the_request(llm, wait_idle, idle_free_p
     gen = llm.stream("List every prime number you know:", SamplingParams(max_new_tokens=1000, temperature=0, ignore_eos=True))
     first = next(gen)
     assert not first.finished and len(first.token_ids) == 1
-    assert llm.engine.blocks.num_free < idle  # the request holds pages while it runs
+    assert llm.engine.pages.num_free < idle  # the request holds pages while it runs
     gen.close()
     assert wait_idle(llm, timeout=60)
-    assert llm.engine.blocks.num_free == idle
+    assert llm.engine.pages.num_free == idle
     assert llm.engine.num_steps - steps_before < 100
     with pytest.raises(StopIteration):
         next(gen)

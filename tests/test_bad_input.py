@@ -49,7 +49,7 @@ def tiny_folder(tmp_path_factory):
 @pytest.fixture(scope="module")
 def llm(tiny_folder):
     with LLM(model=str(tiny_folder), **LLM_KW) as llm:
-        assert llm.engine.max_model_len == CONTEXT and llm.engine.blocks.capacity_tokens == POOL_TOKENS
+        assert llm.engine.max_model_len == CONTEXT and llm.engine.pages.capacity_tokens == POOL_TOKENS
         yield llm
 
 
@@ -120,7 +120,7 @@ REQUEST_CASES = {
     "top_k < 0": (lambda llm: llm.generate("w5", SamplingParams(top_k=-1)), r"top_k must be an integer >= 0, got -1"),
     "token id beyond vocab": (lambda llm: llm.generate(prompt_token_ids=[[5, VOCAB]]), rf"prompt token ids must be integers in \[0, {VOCAB}\)"),
     "negative token id": (lambda llm: llm.generate(prompt_token_ids=[[-1, 5]]), rf"prompt token ids must be integers in \[0, {VOCAB}\)"),
-    "prompt not a string": (lambda llm: llm.generate([123]), r"a prompt must be a string, got int"),
+    "prompt not a string": (lambda llm: llm.generate([123]), r"a prompt must be a string or a list of token ids, got int"),
 }
 
 

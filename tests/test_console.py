@@ -19,9 +19,9 @@ import pytest
 from rich.console import Console
 
 from fastgen_compile import SamplingParams, cli
-from fastgen_compile.bench.workload import corpus
-from fastgen_compile.console import CHART_WIDTH, ChatConsole, step_bar
-from fastgen_compile.engine import StepStats
+from fastgen_compile.corpus import corpus
+from fastgen_compile.engine.engine import StepStats
+from fastgen_compile.entrypoints.console import CHART_WIDTH, ChatConsole, step_bar
 
 GREEDY = SamplingParams(max_new_tokens=8, temperature=0)
 FRANCE, ITALY = "What is the capital of France?", "And of Italy?"
@@ -99,7 +99,7 @@ def test_chat_turns_and_commands(llm_compiled, wait_idle, idle_free_pages):
     # leaving aborted the clients' requests: the engine is idle and every page is free again
     assert chat.load.clients == 0 and chat.load.finished >= 2
     assert wait_idle(llm)
-    assert llm.engine.blocks.num_free == idle_free_pages(llm)
+    assert llm.engine.pages.num_free == idle_free_pages(llm)
 
 
 def test_the_system_prompt_leads_every_turn_and_outlives_reset(llm_compiled, wait_idle):

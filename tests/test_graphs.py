@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from fastgen_compile.artifacts import problem, write_manifest
 from fastgen_compile.config import coarse
-from fastgen_compile.graphs import GraphCache, problem, write_manifest
+from fastgen_compile.engine.graph_cache import GraphCache
 from tiny_llama import one_torch_thread, save_tiny_llama  # noqa: F401 (autouse fixture)
 
 # one bucket of a 2-layer model keeps each cold compile short; decode_rows=0: decodes share its rows
@@ -32,7 +33,7 @@ knobs, prompts, new_tokens = json.loads(sys.argv[1]), json.loads(sys.argv[2]), i
 with LLM(**knobs) as llm:
     outs = llm.generate(prompt_token_ids=prompts, sampling_params=SamplingParams(max_new_tokens=new_tokens, temperature=0, ignore_eos=True))
     print(json.dumps({"tokens": [o.token_ids for o in outs], "inductor": counters["inductor"], "aot_autograd": counters["aot_autograd"],
-                      "folder": str(llm.engine.graph_cache.folder), "fields": llm.engine.graph_cache.fields}))
+                      "folder": str(llm.engine.compiler.graph_cache.folder), "fields": llm.engine.compiler.graph_cache.fields}))
 """
 
 
@@ -146,8 +147,8 @@ def test_the_key_covers_every_knob_that_changes_the_graphs(tmp_path):
     args = ModelArgs(512, 64, 128, 2, 4, 2, 16, 1e-5, 256, False, rope)
     base = dict(dtype="float32", buckets=(16, 48), decode_rows=16, page_size=16, q_block=16)
 
-    def folder(pages: int = 32, model_files=(("model.safetensors", 10, 1),), model_args=args, **knobs):
-        return GraphCache.for_engine(tmp_path, "tiny", list(model_files), model_args, EngineConfig(**(base | knobs)), pages).folder
+    def folder(pages: int = 32, model_files=(("model.safetensors", 10, 1),), model_args=args, decode_kernel=True, **knobs):
+        return GraphCache.for_engine(tmp_path, "tiny", list(model_files), model_args, EngineConfig(**(base | knobs)), pages, decode_kernel).folder
 
     same = folder()
     assert folder(max_seqs=3) == same and folder(policy="prefill_first") == same and folder(max_model_len=100) == same
@@ -161,5 +162,6 @@ def test_the_key_covers_every_knob_that_changes_the_graphs(tmp_path):
         folder(decode_rows=0),
         folder(page_size=8),
         folder(q_block=32, buckets=(16, 48)),
+        folder(decode_kernel=False),  # asked for but not built: decode rows run FlexAttention
     ]
     assert len({same, *changed}) == len(changed) + 1

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fastgen_compile import kernels
-from fastgen_compile.graphs import default_root
+from fastgen_compile.artifacts import default_root
 
 PAGE, KV_HEADS, GROUP, DIM, PAGES = 8, 2, 3, 16, 40
 

@@ -28,11 +28,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache, PreTrainedModel
 
-from fastgen_compile import engine as engine_module
-from fastgen_compile.batch import pick_bucket
-from fastgen_compile.engine import Engine
-from fastgen_compile.sampling import SamplingParams, new_generator
-from fastgen_compile.sequence import Sequence
+from fastgen_compile.engine import engine as engine_module
+from fastgen_compile.engine.batch import pick_bucket
+from fastgen_compile.engine.engine import Engine
+from fastgen_compile.engine.sequence import Sequence
+from fastgen_compile.request import SamplingParams
 from tiny_llama import VOCAB, one_torch_thread, save_tiny, save_tiny_gguf, tiny_config  # noqa: F401 (autouse fixture)
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
@@ -133,7 +133,7 @@ def drive(engine: Engine, requests: list[Request], max_steps: int = 500) -> list
         for r in requests:
             if r.add_at_step == step and r.seq is None:
                 params = SamplingParams(max_new_tokens=len(r.full) - r.prompt_len, temperature=0)
-                r.seq = Sequence(next(_seq_ids), r.full[: r.prompt_len], params, new_generator(0))
+                r.seq = Sequence(next(_seq_ids), r.full[: r.prompt_len], params)
                 by_seq[r.seq] = r
                 engine.scheduler.add(r.seq)
         if not engine.scheduler.has_work() and all(r.seq is not None for r in requests):
@@ -169,7 +169,7 @@ def drive(engine: Engine, requests: list[Request], max_steps: int = 500) -> list
             if seq.num_tokens == len(r.full):
                 engine.scheduler.finish(seq, "length")
     assert not engine.scheduler.has_work(), f"not done after {max_steps} steps"
-    assert engine.blocks.num_free == engine.blocks.num_pages - 1
+    assert engine.pages.num_free == engine.pages.num_pages - 1
     return log
 
 
@@ -188,7 +188,7 @@ def assert_matches_hf(tiny: Tiny, r: Request, log: list[StepLog]) -> None:
 def greedy_through_engine_step(engine: Engine, prompts: list[list[int]], max_new_tokens: int) -> list[tuple[list[int], list[tuple[int, int]]]]:
     """The real path (add_request + step + sampler): each prompt's tokens, and the chunks it was computed in."""
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0, ignore_eos=True)
-    rids = [engine.add_request(prompt_token_ids=p, params=params) for p in prompts]
+    rids = engine.add_requests(prompts, params)
     final, chunks = {}, {rid: [] for rid in rids}
     schedule = engine.scheduler.schedule
 
@@ -293,7 +293,7 @@ def test_compiled_matches(name, tmp_path):
     """compile=True (per-bucket torch.compile of the layer with FlexAttention), one bucket:
     prefill + chunk + decodes teacher-forced, then greedy generation of split and fused prompts."""
     tiny = make_tiny(tmp_path, name, compile=True, buckets=(16,))
-    assert tiny.engine.warm and tiny.engine.runner.graphs_compiled == 1
+    assert tiny.engine.compiler.warm and tiny.engine.compiler.graphs_compiled == 1
     a = Request(random_ids(12 + 8, seed=11), prompt_len=12)
     b = Request(random_ids(9 + 5, seed=12), prompt_len=9, add_at_step=1)  # 12 + 9 > 16: chunked beside a decode
     log = drive(tiny.engine, [a, b])
@@ -301,22 +301,22 @@ def test_compiled_matches(name, tmp_path):
     for r in (a, b):
         assert_matches_hf(tiny, r, log)
     assert_greedy_matches_hf(tiny)
-    assert tiny.engine.recompiles_since_warmup() == 0
+    assert tiny.engine.compiler.recompiles_since_warmup() == 0
 
 
 def test_sliding_window_lists_only_the_pages_in_reach(tmp_path):
     """Window 12, pages of 8: a decode at position 75 sees 64..75, so its query block lists the page
     of 64..71 whole (no mask_mod), the page of 72..79 partially, and none of the eight before."""
     engine = make_tiny(tmp_path, "mistral-window-12").engine
-    engine.add_request(prompt_token_ids=random_ids(75, seed=40), params=SamplingParams(max_new_tokens=2, temperature=0, ignore_eos=True))
+    engine.add_requests([random_ids(75, seed=40)], SamplingParams(max_new_tokens=2, temperature=0, ignore_eos=True))
     for _ in range(3):  # the prompt in chunks of 32, 32 and 11; the last samples the first token
         engine.step()
     (seq,) = engine.scheduler.running
     plan = engine.scheduler.schedule()
     assert [(c.start, c.num_tokens) for c in plan.chunks] == [(75, 1)]
     lists = engine.pack(plan, pick_bucket(engine.config.buckets, plan)).prompt_blocks
-    assert lists.full_num_blocks[0, 0, 0] == 1 and lists.full_indices[0, 0, 0, 0] == seq.block_table[8]
-    assert lists.kv_num_blocks[0, 0, 0] == 1 and lists.kv_indices[0, 0, 0, 0] == seq.block_table[9]
+    assert lists.full_num_blocks[0, 0, 0] == 1 and lists.full_indices[0, 0, 0, 0] == seq.page_table[8]
+    assert lists.kv_num_blocks[0, 0, 0] == 1 and lists.kv_indices[0, 0, 0, 0] == seq.page_table[9]
 
 
 @pytest.mark.parametrize("name", ["llama-default-rope", "mixtral", "opt-post-norm-projected"])
@@ -382,7 +382,7 @@ def test_engine_model_has_no_stray_weights(tiny):
 
 def test_step_stats_split_prompt_and_decode_tokens(tmp_path):
     engine = make_tiny(tmp_path, "llama-default-rope", seed=4).engine
-    engine.add_request(prompt_token_ids=random_ids(33, seed=30), params=SamplingParams(max_new_tokens=3, temperature=0, ignore_eos=True))
+    engine.add_requests([random_ids(33, seed=30)], SamplingParams(max_new_tokens=3, temperature=0, ignore_eos=True))
     while engine.has_work():
         engine.step()
     # 33 prompt tokens over a budget of 32, then two decodes
@@ -392,12 +392,12 @@ def test_step_stats_split_prompt_and_decode_tokens(tmp_path):
 def test_step_stats_keep_the_newest_steps_and_count_them_all(tmp_path, monkeypatch):
     monkeypatch.setattr(engine_module, "STEP_HISTORY", 3)
     engine = make_tiny(tmp_path, "llama-default-rope", seed=4).engine
-    engine.add_request(prompt_token_ids=random_ids(33, seed=30), params=SamplingParams(max_new_tokens=3, temperature=0, ignore_eos=True))
-    engine.add_request(prompt_token_ids=random_ids(5, seed=31), params=SamplingParams(max_new_tokens=1, temperature=0))
+    engine.add_requests([random_ids(33, seed=30)], SamplingParams(max_new_tokens=3, temperature=0, ignore_eos=True))
+    engine.add_requests([random_ids(5, seed=31)], SamplingParams(max_new_tokens=1, temperature=0))
     engine.step()
     # the budget of 32 held only the first prompt's first 32 tokens (4 pages of 8); the second prompt waits
     snap = engine.snapshot()
-    assert (snap.running, snap.waiting, snap.pages_used, snap.pages_free) == (1, 1, 4, engine.blocks.num_pages - 1 - 4)
+    assert (snap.running, snap.waiting, snap.pages_used, snap.pages_free) == (1, 1, 4, engine.pages.num_pages - 1 - 4)
     while engine.has_work():
         engine.step()
     # steps: 32 prompt tokens; the last one fused with the 5-token prompt (which ends with its one token); two decodes.
@@ -409,7 +409,7 @@ def test_step_stats_keep_the_newest_steps_and_count_them_all(tmp_path, monkeypat
     assert engine.steps_since(4) == []
     snap = engine.snapshot(recent_steps=2)
     assert snap.recent_steps == list(engine.step_stats)[1:] and snap.num_steps == 4
-    assert (snap.running, snap.waiting, snap.pages_used, snap.pages_free) == (0, 0, 0, engine.blocks.num_pages - 1)
+    assert (snap.running, snap.waiting, snap.pages_used, snap.pages_free) == (0, 0, 0, engine.pages.num_pages - 1)
 
 
 def test_packed_linears_give_the_plain_linears_logits(tmp_path):

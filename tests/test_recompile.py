@@ -9,8 +9,8 @@ import pytest
 from torch._dynamo.utils import counters
 
 from fastgen_compile import SamplingParams
+from fastgen_compile.engine.scheduler import StepPlan
 from fastgen_compile.errors import RecompileError
-from fastgen_compile.scheduler import StepPlan
 
 SENTENCES = [
     "The river flooded the lower town twice that spring.",
@@ -34,9 +34,8 @@ def text_of(n_sentences: int, offset: int = 0) -> str:
 
 def test_warmup_compiled_every_bucket(llm_compiled):
     engine = llm_compiled.engine
-    assert engine.warm
-    assert engine.runner.graphs_after_warmup is not None
-    assert engine.runner.graphs_compiled == len(engine.config.buckets)  # one layer graph per bucket, shared by all layers
+    assert engine.compiler.warm
+    assert engine.compiler.graphs_compiled == len(engine.config.buckets)  # one layer graph per bucket, shared by all layers
 
 
 def test_new_workload_shapes_trigger_no_recompile(llm_compiled, wait_idle):
@@ -46,7 +45,7 @@ def test_new_workload_shapes_trigger_no_recompile(llm_compiled, wait_idle):
     assert wait_idle(llm)
     graphs_before = unique_graphs()
     steps_before = llm.engine.num_steps
-    assert llm.engine.recompiles_since_warmup() == 0
+    assert llm.engine.compiler.recompiles_since_warmup() == 0
 
     jobs = [
         # many tiny prompts at once: more sequences than max_seqs=16 in a step
@@ -69,7 +68,7 @@ def test_new_workload_shapes_trigger_no_recompile(llm_compiled, wait_idle):
     buckets = {s.bucket for s in llm.engine.steps_since(steps_before)}
     assert buckets == set(llm.engine.config.buckets)  # both compiled shapes were used
     assert unique_graphs() == graphs_before
-    assert llm.engine.recompiles_since_warmup() == 0
+    assert llm.engine.compiler.recompiles_since_warmup() == 0
 
 
 def test_a_recompile_in_strict_mode_raises_naming_the_failed_guard(llm_compiled, wait_idle):
@@ -77,10 +76,10 @@ def test_a_recompile_in_strict_mode_raises_naming_the_failed_guard(llm_compiled,
     llm = llm_compiled
     assert wait_idle(llm)
     engine = llm.engine
-    assert engine.runner.strict
+    assert engine.compiler.strict
     with pytest.raises(RecompileError, match=r"recompile while serving: .*size mismatch at index 0\. expected (16|64), actual 32"):
         engine.runner.forward(engine.pack(StepPlan(), 32))
-    assert engine.recompiles_since_warmup() == 0  # refused before compiling
+    assert engine.compiler.recompiles_since_warmup() == 0  # refused before compiling
     out = llm.generate(["Hi"], SamplingParams(max_new_tokens=2, temperature=0))  # and the engine serves on
     assert len(out[0].token_ids) == 2
 
@@ -90,17 +89,17 @@ def test_a_recompile_while_serving_is_counted_and_logged(llm_compiled, wait_idle
     llm = llm_compiled
     assert wait_idle(llm)
     engine = llm.engine
-    runner = engine.runner
-    runner.strict = False
+    compiler = engine.compiler
+    compiler.strict = False
     try:
-        with caplog.at_level(logging.WARNING, logger="fastgen_compile.runner"):
-            runner.forward(engine.pack(StepPlan(), 32))
-            assert engine.recompiles_since_warmup() == 1
+        with caplog.at_level(logging.WARNING, logger="fastgen_compile.engine.compiler"):
+            engine.runner.forward(engine.pack(StepPlan(), 32))
+            assert engine.compiler.recompiles_since_warmup() == 1
             llm.generate(["Hi"], SamplingParams(max_new_tokens=1, temperature=0))  # one more forward pass
-        assert engine.recompiles_since_warmup() == 1, "the recompile was forgotten"
+        assert engine.compiler.recompiles_since_warmup() == 1, "the recompile was forgotten"
         warnings = [r.getMessage() for r in caplog.records if "recompiled while serving" in r.getMessage()]
         assert len(warnings) == 1
         assert "size mismatch at index 0" in warnings[0] and "actual 32" in warnings[0]
     finally:
-        runner.strict = True
-        runner.mark_warm()  # later tests start from a clean baseline
+        compiler.strict = True
+        compiler.mark_warm()  # later tests start from a clean baseline

@@ -16,16 +16,18 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from fastgen_compile.block_manager import SCRATCH_PAGES, BlockManager
-from fastgen_compile.sampling import SamplingParams, new_generator
-from fastgen_compile.scheduler import Scheduler, StepPlan
-from fastgen_compile.sequence import Sequence, Status
+from fastgen_compile.config import EngineConfig
+from fastgen_compile.engine.pages import SCRATCH_PAGES, PageManager
+from fastgen_compile.engine.scheduler import Scheduler, StepPlan
+from fastgen_compile.engine.sequence import Sequence, Status
+from fastgen_compile.errors import ConfigError
+from fastgen_compile.request import SamplingParams
 
 FAKE_TOKEN = 7
 
 def make_seq(seq_id: int, prompt_len: int, max_new: int) -> Sequence:
     prompt = [(seq_id * 31 + i) % 500 + 3 for i in range(prompt_len)]
-    return Sequence(seq_id, prompt, SamplingParams(max_new_tokens=max_new, temperature=0), generator=new_generator(0))
+    return Sequence(seq_id, prompt, SamplingParams(max_new_tokens=max_new, temperature=0))
 
 
 @dataclass
@@ -52,8 +54,8 @@ class Sim:
     admitted: list[int] = field(default_factory=list)  # seq ids in the order their first chunk was scheduled
 
     def __post_init__(self) -> None:
-        self.blocks = BlockManager(self.num_pages, self.page_size)
-        self.sched = Scheduler(self.blocks, self.token_budget, self.max_seqs, self.policy, self.decode_rows)
+        self.pages = PageManager(self.num_pages, self.page_size)
+        self.sched = Scheduler(self.pages, self.token_budget, self.max_seqs, self.policy, self.decode_rows)
         self.seqs: list[Sequence] = []
 
     def add(self, seq: Sequence) -> Sequence:
@@ -65,19 +67,19 @@ class Sim:
         return list(self.sched.running) + list(self.sched.waiting)
 
     def check_pages(self) -> None:
-        owned = [p for s in self.live() for p in s.block_table]
-        free = list(self.blocks.free_pages)
+        owned = [p for s in self.live() for p in s.page_table]
+        free = list(self.pages.free_pages)
         assert len(owned) == len(set(owned)), f"a page is shared between live sequences: {sorted(owned)}"
         assert not set(owned) & set(free), "a page is both owned and free"
         assert sorted(owned + free) == list(range(SCRATCH_PAGES, self.num_pages)), "pages leaked or duplicated"
         for s in self.sched.waiting:
-            assert s.block_table == [], "a waiting sequence holds pages"
+            assert s.page_table == [], "a waiting sequence holds pages"
             assert s.status is Status.WAITING
         for s in self.sched.running:
             assert s.status is Status.RUNNING
-            assert len(s.block_table) * self.page_size >= s.num_computed, "computed tokens without pages"
+            assert len(s.page_table) * self.page_size >= s.num_computed, "computed tokens without pages"
         for s in self.finished:
-            assert s.block_table == []
+            assert s.page_table == []
 
     def step(self) -> Step:
         running_before = list(self.sched.running)
@@ -99,7 +101,7 @@ class Sim:
             # a chunk continues exactly where the pool ends: no gap, no overlap (a preempted sequence restarts at 0)
             assert c.start == computed_before[c.seq], (c.seq.seq_id, c.start, computed_before[c.seq])
             assert c.start + c.num_tokens <= c.seq.num_tokens
-            assert len(c.seq.block_table) * self.page_size >= c.start + c.num_tokens, "chunk scheduled without pages"
+            assert len(c.seq.page_table) * self.page_size >= c.start + c.num_tokens, "chunk scheduled without pages"
             decode_flags.append(c.seq in pending_before and pending_before[c.seq] == 1)
             if c.seq.seq_id not in self.admitted:
                 self.admitted.append(c.seq.seq_id)
@@ -109,7 +111,7 @@ class Sim:
         # decodes first, then prompt chunks
         assert decode_flags == sorted(decode_flags, reverse=True), f"a prompt chunk was scheduled before a decode: {decode_flags}"
         for s in plan.preempted:
-            assert s.status is Status.WAITING and s.num_computed == 0 and s.block_table == []
+            assert s.status is Status.WAITING and s.num_computed == 0 and s.page_table == []
             assert s not in seqs_in_plan
         self.check_pages()
 
@@ -144,8 +146,8 @@ class Sim:
         for s in self.seqs:
             assert s.status is Status.FINISHED and s.finish_reason == "length"
             assert len(s.output_token_ids) == s.params.max_new_tokens
-            assert s.block_table == []
-        assert self.blocks.num_free == self.num_pages - SCRATCH_PAGES
+            assert s.page_table == []
+        assert self.pages.num_free == self.num_pages - SCRATCH_PAGES
 
     def assert_each_position_once(self) -> None:
         """Without preemption every token but the last sampled one goes through the model exactly once."""
@@ -293,12 +295,12 @@ def test_pages_return_to_the_free_list_on_finish():
     seqs = [sim.add(make_seq(i, 10 + 7 * i, 5)) for i in range(4)]
     while seqs[0].status is not Status.FINISHED:
         sim.step()
-    assert seqs[0].block_table == []
-    owned = sum(len(s.block_table) for s in sim.live())
-    assert sim.blocks.num_free == 49 - owned
+    assert seqs[0].page_table == []
+    owned = sum(len(s.page_table) for s in sim.live())
+    assert sim.pages.num_free == 49 - owned
     sim.run(max_steps=200)
     sim.assert_all_done()
-    assert sorted(sim.blocks.free_pages) == list(range(1, 50))
+    assert sorted(sim.pages.free_pages) == list(range(1, 50))
 
 
 def test_pages_return_to_the_free_list_on_abort():
@@ -308,12 +310,12 @@ def test_pages_return_to_the_free_list_on_abort():
     queued = [sim.add(make_seq(i, 20, 5)) for i in range(2, 12)]
     for _ in range(3):
         sim.step()
-    assert running.status is Status.RUNNING and running.block_table
-    free_before, held = sim.blocks.num_free, len(running.block_table)
+    assert running.status is Status.RUNNING and running.page_table
+    free_before, held = sim.pages.num_free, len(running.page_table)
     sim.sched.finish(running, "abort")
     assert running.status is Status.FINISHED and running.finish_reason == "abort"
-    assert running.block_table == []
-    assert sim.blocks.num_free == free_before + held
+    assert running.page_table == []
+    assert sim.pages.num_free == free_before + held
     assert running not in sim.sched.running
     sim.check_pages()
 
@@ -327,24 +329,24 @@ def test_pages_return_to_the_free_list_on_abort():
     sim.run(max_steps=500)
     sim.assert_all_done()
     assert other.finish_reason == "length"
-    assert sorted(sim.blocks.free_pages) == list(range(1, 50))
+    assert sorted(sim.pages.free_pages) == list(range(1, 50))
     assert (running.seq_id, 0) in sim.computed and all(k[0] != waiting.seq_id for k in sim.computed)
 
 
-def test_block_manager_basics():
+def test_page_manager_basics():
     with pytest.raises(ValueError, match="more than"):
-        BlockManager(1, 8)
-    bm = BlockManager(5, 4)
+        PageManager(1, 8)
+    bm = PageManager(5, 4)
     assert bm.capacity_tokens == 16 and bm.num_free == 4
     s = make_seq(0, 3, 1)
     assert bm.pages_needed(s, 9) == 3 and bm.tokens_fitting(s) == 16
     bm.grow(s, 9)
-    assert len(s.block_table) == 3 and 0 not in s.block_table and bm.num_free == 1
+    assert len(s.page_table) == 3 and 0 not in s.page_table and bm.num_free == 1
     assert bm.pages_needed(s, 12) == 0 and bm.pages_needed(s, 13) == 1
     with pytest.raises(RuntimeError, match="needs 2 pages, 1 free"):
         bm.grow(s, 17)
     bm.release(s)
-    assert s.block_table == [] and sorted(bm.free_pages) == [1, 2, 3, 4]
+    assert s.page_table == [] and sorted(bm.free_pages) == [1, 2, 3, 4]
 
 
 # ---- preemption and tiny pools -------------------------------------------------------------
@@ -381,7 +383,7 @@ def test_no_deadlock_when_the_pool_holds_exactly_one_sequence(policy, prompt_len
     page_size, budget = 4, 16
     num_pages = SCRATCH_PAGES + (prompt_len + max_new) // page_size  # prompt + max_new_tokens fill the whole pool
     sim = Sim(num_pages=num_pages, page_size=page_size, token_budget=budget, max_seqs=4, policy=policy)
-    assert sim.blocks.capacity_tokens == prompt_len + max_new
+    assert sim.pages.capacity_tokens == prompt_len + max_new
     for i in range(3):
         sim.add(make_seq(i, prompt_len, max_new))
     # generous bound: each generated token may cost a full recompute of its sequence
@@ -448,8 +450,8 @@ def test_splitfuse_mixes_decodes_and_prompts_in_one_pass():
 
 
 def test_unknown_policy_is_rejected():
-    with pytest.raises(ValueError, match="unknown scheduling policy 'fifo'"):
-        Scheduler(BlockManager(4, 4), 16, 4, "fifo")
+    with pytest.raises(ConfigError, match="unknown scheduling policy 'fifo'; choose one of splitfuse, prefill_first"):
+        EngineConfig(policy="fifo")
 
 
 @pytest.mark.parametrize("policy", ["splitfuse", "prefill_first"])

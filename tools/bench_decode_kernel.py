@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from fastgen_compile import kernels
-from fastgen_compile.graphs import default_root
+from fastgen_compile.artifacts import default_root
 
 
 def main() -> None:

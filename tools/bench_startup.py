@@ -35,8 +35,8 @@ llm = LLM(**json.loads(sys.argv[2]))
 ready = time.time()
 for out in llm.stream("The capital of France is", SamplingParams(max_new_tokens=1, temperature=0)):
     first = time.time()
-w = [[x.bucket, round(x.seconds, 2), x.cache] for x in llm.engine.warmups]
-print(json.dumps({"ready": ready - t_start, "first_token": first - t_start, "warmups": w, "graphs_compiled": llm.engine.runner.graphs_compiled}))
+w = [[x.bucket, round(x.seconds, 2), x.cache] for x in llm.engine.compiler.warmups]
+print(json.dumps({"ready": ready - t_start, "first_token": first - t_start, "warmups": w, "graphs_compiled": llm.engine.compiler.graphs_compiled}))
 llm.close()
 """
 

@@ -22,12 +22,13 @@ from rich.table import Table
 
 from fastgen_compile import LLM, SamplingParams
 from fastgen_compile.bench.systems import transformers_source
-from fastgen_compile.bench.workload import add_engine_flags, engine_overrides, prompts_of_lengths
+from fastgen_compile.bench.workload import prompts_of_lengths
+from fastgen_compile.config import add_engine_flags, engine_overrides
 
 
 def run_fastgen(prompts: list[list[int]], new_tokens: int, args) -> dict:
     t0 = time.perf_counter()
-    llm = LLM(args.model, dtype=args.dtype, **engine_overrides(args))
+    llm = LLM(**engine_overrides(args))
     ready = time.perf_counter() - t0
     params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0, ignore_eos=True)
     llm.generate(prompt_token_ids=prompts[:2], sampling_params=SamplingParams(max_new_tokens=2, temperature=0.0))  # warm caches
@@ -65,8 +66,6 @@ def run_transformers(prompts: list[list[int]], new_tokens: int, args) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None, help="HF folder or .gguf (default: embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--requests", type=int, default=32)
     p.add_argument("--min-prompt", type=int, default=64)
     p.add_argument("--max-prompt", type=int, default=512)

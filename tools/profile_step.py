@@ -10,9 +10,10 @@ import time
 
 from torch.profiler import ProfilerActivity, profile
 
-from fastgen_compile.bench.workload import add_engine_flags, engine_overrides, prompts_of_lengths
-from fastgen_compile.engine import Engine
-from fastgen_compile.sampling import SamplingParams
+from fastgen_compile.bench.workload import prompts_of_lengths
+from fastgen_compile.config import add_engine_flags, engine_overrides
+from fastgen_compile.engine.engine import Engine
+from fastgen_compile.request import SamplingParams
 
 
 def main() -> None:
@@ -26,14 +27,14 @@ def main() -> None:
     engine = Engine(**engine_overrides(args))
     params = SamplingParams(max_new_tokens=10_000 // 8, temperature=0.0, ignore_eos=True)
     for ids in prompts_of_lengths(engine.tokenizer, [args.prompt] * args.seqs):
-        engine.add_request(prompt_token_ids=ids, params=params)
+        engine.add_requests([ids], params)
     while any(s.num_pending > 1 for s in engine.scheduler.running) or engine.scheduler.waiting or not engine.scheduler.running:
         engine.step()
     phases = {"decode": None, "mixed": None}
     for phase in phases:
         if phase == "mixed":
             for ids in prompts_of_lengths(engine.tokenizer, [2000], seed=1):
-                engine.add_request(prompt_token_ids=ids, params=params)
+                engine.add_requests([ids], params)
             engine.step()
         t0 = time.perf_counter()
         with profile(activities=[ProfilerActivity.CPU]) as prof:

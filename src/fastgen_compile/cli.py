@@ -13,14 +13,12 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from fastgen_compile.api import LLM
-from fastgen_compile.bench import run as bench_run
-from fastgen_compile.bench.workload import add_engine_flags, engine_overrides
-from fastgen_compile.config import DTYPES, EngineConfig
-from fastgen_compile.console import ChatConsole
-from fastgen_compile.engine import Engine
+from fastgen_compile.config import EngineConfig, add_engine_flags, engine_overrides
+from fastgen_compile.engine.engine import Engine
+from fastgen_compile.entrypoints.console import ChatConsole
+from fastgen_compile.entrypoints.llm import LLM
 from fastgen_compile.errors import FastGenError
-from fastgen_compile.sampling import SamplingParams
+from fastgen_compile.request import SamplingParams
 
 err = Console(stderr=True, highlight=False)
 out = Console(highlight=False)
@@ -71,7 +69,7 @@ def clip(text: str, width: int) -> str:
 
 def open_llm(args: argparse.Namespace) -> LLM:
     err.print(f"[dim]loading {escape(args.model or 'the embedded SmolLM2-135M-Instruct')} ({args.dtype})…[/]")
-    return LLM(args.model, dtype=args.dtype, **engine_overrides(args))
+    return LLM(**engine_overrides(args))
 
 
 def sampling_params(args: argparse.Namespace) -> SamplingParams:
@@ -131,15 +129,14 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_warmup(args: argparse.Namespace) -> int:
-    knobs = dict(model=args.model, dtype=args.dtype, device=args.device, graphs_dir=args.graphs_dir, **engine_overrides(args))
     t0 = time.perf_counter()
-    engine = Engine(EngineConfig(**knobs))
+    engine = Engine(EngineConfig(**engine_overrides(args)))
     seconds = time.perf_counter() - t0
     table = Table("bucket", "seconds", "cache", title=f"{escape(engine.model_name)} ({engine.config.dtype}, {engine.config.device})")
-    for w in engine.warmups:
+    for w in engine.compiler.warmups:
         table.add_row(str(w.bucket), f"{w.seconds:.1f}", w.cache)
     out.print(table)
-    cache = engine.graph_cache
+    cache = engine.compiler.graph_cache
     out.print(f"graphs in {escape(str(cache.folder))}; ready in {seconds:.1f} s" if cache else f"ready in {seconds:.1f} s")
     return 0
 
@@ -147,11 +144,6 @@ def cmd_warmup(args: argparse.Namespace) -> int:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fastgen-compile", description="Dynamic SplitFuse LLM serving as a torch.compile graph engine.")
     sub = p.add_subparsers(dest="command", required=True)
-
-    def model_args(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--model", default=None, help="HF folder (config.json + *.safetensors) or .gguf file; default: embedded SmolLM2-135M-Instruct")
-        sp.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES), help="weight and KV cache dtype (default: bfloat16)")
-        add_engine_flags(sp)
 
     def sampling_args(sp: argparse.ArgumentParser, max_new_tokens: int) -> None:
         sp.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
@@ -162,18 +154,18 @@ def parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="stream one completion to the terminal")
     g.add_argument("prompt")
-    model_args(g)
+    add_engine_flags(g)
     sampling_args(g, max_new_tokens=128)
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     g.set_defaults(run=cmd_generate)
 
     d = sub.add_parser("demo", help="stream one chat answer, then serve a batch of prompts at once")
-    model_args(d)
+    add_engine_flags(d)
     d.add_argument("--max-new-tokens", type=int, default=64)
     d.set_defaults(run=cmd_demo)
 
     c = sub.add_parser("chat", help="multi-turn chat with a live panel of the engine; /help lists its commands")
-    model_args(c)
+    add_engine_flags(c)
     sampling_args(c, max_new_tokens=256)
     c.add_argument("--system", default=None, metavar="PROMPT", help="system prompt (default: the chat template's own)")
     c.add_argument("--plain", action="store_true", help="plain text, no live panel (the default when stdout is not a terminal)")
@@ -181,13 +173,13 @@ def parser() -> argparse.ArgumentParser:
     c.set_defaults(run=cmd_chat)
 
     b = sub.add_parser("bench", help="serving benchmark: SplitFuse vs prefill-first vs transformers under load, SLA metrics, plots")
+    from fastgen_compile.bench import run as bench_run  # the one product module that reaches into bench/
+
     bench_run.add_arguments(b)
     b.set_defaults(run=bench_run.main)
 
     w = sub.add_parser("warmup", help="compile every bucket and save the graphs, so later starts load them")
-    model_args(w)  # with the engine flags
-    w.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default: cpu)")
-    w.add_argument("--graphs-dir", default=None, help="where graphs/<key>/ folders go (default: $FASTGEN_GRAPHS_DIR, the checkout's graphs/, or ~/.cache)")
+    add_engine_flags(w)
     w.set_defaults(run=cmd_warmup)
     return p
 

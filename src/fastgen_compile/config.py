@@ -2,44 +2,50 @@
 
 from __future__ import annotations
 
+import argparse
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 
 import torch
 
+from fastgen_compile.engine.scheduler import POLICIES
 from fastgen_compile.errors import ConfigError
-from fastgen_compile.scheduler import POLICIES
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
+def knob(default, help: str, **flag):
+    """An EngineConfig field that is also a command-line flag (--name-with-dashes) of every
+    command that builds an engine; flag: extra argparse arguments (type, nargs, choices)."""
+    return field(default=default, metadata={"help": help, "flag": flag})
+
+
 @dataclass
 class EngineConfig:
-    model: str | None = None  # HF folder or .gguf file; None: the embedded SmolLM2-135M-Instruct
-    dtype: str = "bfloat16"
-    device: str = "cpu"
-    # row counts the forward pass is compiled for; the largest is the SplitFuse token budget.
-    # Every bucket starts with `decode_rows` rows for decode tokens (buckets below it hold only
-    # those: quick steps for a few decodes); the rest take prompt chunks.
-    buckets: tuple[int, ...] = (8, 32, 96, 288)
-    decode_rows: int = 32  # also the most decodes per step; 0: decodes share the prompt rows
-    page_size: int = 64  # KV slots per page, also the attention kv block
-    q_block: int = 32  # prompt rows per block-mask row (decode rows always use 1)
-    kv_dtype: str | None = None  # KV pool and attention dtype; default float32 on CPU, else dtype
-    max_seqs: int = 64  # sequences in one forward pass
-    max_model_len: int | None = None  # default: the model's context length
-    kv_pages: int | None = None  # pool size in pages, or
-    kv_bytes: int | None = None  # in bytes, or by default
-    kv_memory_fraction: float = 0.1  # this share of free memory
-    policy: str = "splitfuse"  # or "prefill_first"
-    pack_weights: bool = True  # CPU bf16: linears use weights packed once for oneDNN (models/packed.py)
-    decode_kernel: bool = True  # CPU: decode rows attend through kernels/paged_decode.cpp, not FlexAttention
-    compile: bool = True  # False: the same model eagerly (debugging, test reference)
-    warmup: bool = True  # compile every bucket at start (else lazily on first use)
-    # compiled graphs (and prepared copies of GGUF checkpoints) persist under graphs_dir/<key>/;
-    # None: $FASTGEN_GRAPHS_DIR, else graphs/ of a source checkout, else ~/.cache/fastgen-compile/graphs
-    graphs_dir: str | None = None
-    graph_cache: bool = True  # False: neither load nor save persisted graphs
+    model: str | None = knob(None, "HF folder (config.json + *.safetensors) or .gguf file; default: the embedded SmolLM2-135M-Instruct")
+    dtype: str = knob("bfloat16", "weight dtype", choices=sorted(DTYPES))
+    device: str = knob("cpu", "torch device, e.g. cuda")
+    # every bucket starts with `decode_rows` rows for decode tokens (buckets below it hold only
+    # those: quick steps for a few decodes); the rest take prompt chunks
+    buckets: tuple[int, ...] = knob((8, 32, 96, 288), "row counts the forward pass is compiled for; the largest is the SplitFuse token budget",
+                                    type=int, nargs="+")
+    decode_rows: int = knob(32, "rows for decode tokens in every bucket, also the most decodes per step; 0: decodes share the prompt rows", type=int)
+    page_size: int = knob(64, "KV slots per page, also the attention kv block", type=int)
+    q_block: int = knob(32, "prompt rows per block-mask row (decode rows always use 1)", type=int)
+    kv_dtype: str | None = knob(None, "KV pool and attention dtype; default float32 on CPU, else the weight dtype", choices=sorted(DTYPES))
+    max_seqs: int = knob(64, "sequences in one forward pass", type=int)
+    max_model_len: int | None = knob(None, "longest prompt + output; default: the model's context length", type=int)
+    kv_pages: int | None = knob(None, "KV pool size in pages; default: kv_memory_fraction of free memory", type=int)
+    kv_bytes: int | None = knob(None, "KV pool size in bytes, if kv_pages is not given", type=int)
+    kv_memory_fraction: float = knob(0.1, "share of free memory for the KV pool, if neither kv_pages nor kv_bytes is given", type=float)
+    policy: str = knob("splitfuse", "scheduling policy", choices=POLICIES)
+    pack_weights: bool = knob(True, "CPU bf16: linears use weights packed once for oneDNN (models/packed.py)")
+    decode_kernel: bool = knob(True, "CPU: decode rows attend through kernels/paged_decode.cpp, not FlexAttention")
+    compile: bool = knob(True, "compile the model (off: run it eagerly, for debugging)")
+    warmup: bool = knob(True, "compile every bucket at start (off: each on first use)")
+    graphs_dir: str | None = knob(None, "where compiled graphs (and prepared GGUF copies) persist, one folder per key; "
+                                        "default: $FASTGEN_GRAPHS_DIR, the checkout's graphs/, or ~/.cache/fastgen-compile/graphs")
+    graph_cache: bool = knob(True, "load and save persisted graphs")
     strict_recompiles: bool = False  # a recompile after warmup raises RecompileError (tests) instead of a warning
 
     def __post_init__(self) -> None:
@@ -59,7 +65,7 @@ class EngineConfig:
         if self.buckets[-1] <= self.decode_rows:
             raise ConfigError(f"the largest bucket must leave rows for prompts beyond decode_rows={self.decode_rows}")
         if self.policy not in POLICIES:
-            raise ConfigError(f"policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
+            raise ConfigError(f"unknown scheduling policy {self.policy!r}; choose one of {', '.join(POLICIES)}")
         if self.page_size < 1 or self.max_seqs < 1:
             raise ConfigError("page_size and max_seqs must be >= 1")
 
@@ -99,3 +105,22 @@ def free_memory(device: str) -> int:
     if torch.device(device).type == "cuda":
         return torch.cuda.mem_get_info(torch.device(device))[0]
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def add_engine_flags(parser: argparse.ArgumentParser) -> None:
+    """Every EngineConfig knob as a flag; a True switch gets --no-NAME. Defaults are EngineConfig's."""
+    for f in fields(EngineConfig):
+        if "flag" not in f.metadata:
+            continue
+        name, help = f.name.replace("_", "-"), f.metadata["help"]
+        if f.default is True:
+            parser.add_argument(f"--no-{name}", dest=f.name, action="store_false", help=f"do not: {help}")
+        else:
+            shown = " ".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
+            default = f"(default: {shown})" if f.default is not None else ""
+            parser.add_argument(f"--{name}", default=f.default, help=f"{help} {default}".strip(), **f.metadata["flag"])
+
+
+def engine_overrides(args: argparse.Namespace) -> dict:
+    """The engine knobs parsed by add_engine_flags, as EngineConfig keyword arguments."""
+    return {f.name: getattr(args, f.name) for f in fields(EngineConfig) if "flag" in f.metadata and hasattr(args, f.name)}

@@ -23,3 +23,7 @@ class CommandError(FastGenError):
 
 class RecompileError(RuntimeError):
     """A compiled graph recompiled while serving (strict mode): a shape or guard changed in the hot path."""
+
+
+class EngineDied(RuntimeError):
+    """The engine loop hit an error or was closed; pending requests cannot complete."""

@@ -23,7 +23,8 @@ from fastgen_compile.bench import report
 from fastgen_compile.bench.clients import closed_loop, poisson
 from fastgen_compile.bench.metrics import SLA, summarize
 from fastgen_compile.bench.systems import FastgenSystem, TransformersSystem, missing_engines, transformers_source
-from fastgen_compile.bench.workload import Request, add_engine_flags, chat_workload, engine_overrides
+from fastgen_compile.bench.workload import Request, chat_workload
+from fastgen_compile.config import add_engine_flags, engine_overrides
 
 SYSTEMS = ("splitfuse", "prefill_first", "transformers")
 # (prompt mean, generation mean) of the paper's workloads; the defaults fit this 2-core CPU
@@ -35,8 +36,6 @@ console = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty(
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="HF folder or .gguf (default: embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS))
     p.add_argument("--requests", type=int, default=12, help="requests per load point")
     p.add_argument("--prompt-mean", type=int, default=1200, help=f"prompt tokens, normal with std 0.3 x mean (paper: {PAPER_WORKLOADS})")
@@ -55,7 +54,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def build(name: str, args: argparse.Namespace):
     if name == "transformers":
         return TransformersSystem(args.model, args.dtype)
-    return FastgenSystem(args.model, args.dtype, name, **engine_overrides(args))
+    return FastgenSystem(**{**engine_overrides(args), "policy": name})
 
 
 def load_points(args: argparse.Namespace) -> list[tuple[str, float]]:

@@ -15,10 +15,10 @@ from collections.abc import Iterator
 
 import torch
 
-from fastgen_compile.api import LLM
 from fastgen_compile.bench.workload import Request
+from fastgen_compile.entrypoints.llm import LLM
 from fastgen_compile.models.loader import embedded_model_path
-from fastgen_compile.sampling import SamplingParams
+from fastgen_compile.request import SamplingParams
 
 # engines users might compare against; none is a dependency, so each is skipped when absent
 OTHER_ENGINES = ("vllm", "llama_cpp", "sglang")
@@ -37,9 +37,9 @@ def missing_engines() -> list[str]:
 
 
 class FastgenSystem:
-    def __init__(self, model: str | None, dtype: str, policy: str, **engine):
+    def __init__(self, policy: str, **engine):
         self.name = f"fastgen {policy}"
-        self.llm = LLM(model, dtype=dtype, policy=policy, **engine)
+        self.llm = LLM(policy=policy, **engine)
         self.config = self.llm.engine.config
 
     def stream(self, request: Request) -> Iterator[int]:

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch.utils import cpp_extension
 
-from fastgen_compile.graphs import sha256
+from fastgen_compile.artifacts import sha256
 from fastgen_compile.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -96,5 +96,5 @@ def _build(root: Path) -> Path:
 
 def _register_fake() -> None:
     @torch.library.register_fake("fastgen::paged_decode")
-    def _(q, k_pages, v_pages, block_table, context_lens, page_size, window, scale):
+    def _(q, k_pages, v_pages, page_table, context_lens, page_size, window, scale):
         return torch.empty_like(q)

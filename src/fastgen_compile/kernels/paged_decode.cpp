@@ -54,20 +54,20 @@ struct Prefetcher {
 };
 
 // q: (rows, heads, NV * W) fp32; k_pages: (pages, kv_heads, NV * W, key_stride); v_pages:
-// (pages * page_size, kv_heads, NV * W); block_table: (rows, max_pages) int32; context_lens:
+// (pages * page_size, kv_heads, NV * W); page_table: (rows, max_pages) int32; context_lens:
 // (rows,) int32, the keys a row sees, its position + 1 (0: a padding row, left zero); with a
 // window, only those in [len - window, len).
 template <typename kv_t, int64_t NV>
-void decode_rows(const at::Tensor& q, const at::Tensor& k_pages, const at::Tensor& v_pages, const at::Tensor& block_table,
+void decode_rows(const at::Tensor& q, const at::Tensor& k_pages, const at::Tensor& v_pages, const at::Tensor& page_table,
                  const at::Tensor& context_lens, int64_t page_size, int64_t window, float scale, at::Tensor& out) {
   constexpr int64_t dim = NV * W;
   const int64_t rows = q.size(0), heads = q.size(1), kv_heads = k_pages.size(1), key_stride = k_pages.size(3);
-  const int64_t group = heads / kv_heads, max_pages = block_table.size(1), slot_stride = kv_heads * dim;
+  const int64_t group = heads / kv_heads, max_pages = page_table.size(1), slot_stride = kv_heads * dim;
   const int64_t k_page = kv_heads * dim * key_stride, v_page = page_size * slot_stride;
   const float* qp = q.data_ptr<float>();
   const kv_t* kp = k_pages.data_ptr<kv_t>();
   const kv_t* vp = v_pages.data_ptr<kv_t>();
-  const int32_t* table = block_table.data_ptr<int32_t>();
+  const int32_t* table = page_table.data_ptr<int32_t>();
   const int32_t* lens = context_lens.data_ptr<int32_t>();
   float* op = out.data_ptr<float>();
   const auto first_key = [&](int64_t len) { return window > 0 ? std::max<int64_t>(0, len - window) : 0; };
@@ -142,18 +142,18 @@ void decode_rows(const at::Tensor& q, const at::Tensor& k_pages, const at::Tenso
 }
 
 template <typename kv_t>
-void dispatch_dim(const at::Tensor& q, const at::Tensor& k_pages, const at::Tensor& v_pages, const at::Tensor& block_table,
+void dispatch_dim(const at::Tensor& q, const at::Tensor& k_pages, const at::Tensor& v_pages, const at::Tensor& page_table,
                   const at::Tensor& context_lens, int64_t page_size, int64_t window, float scale, at::Tensor& out) {
   switch (q.size(2) / W) {
-    case 1: return decode_rows<kv_t, 1>(q, k_pages, v_pages, block_table, context_lens, page_size, window, scale, out);
-    case 2: return decode_rows<kv_t, 2>(q, k_pages, v_pages, block_table, context_lens, page_size, window, scale, out);
-    case 4: return decode_rows<kv_t, 4>(q, k_pages, v_pages, block_table, context_lens, page_size, window, scale, out);
-    case 8: return decode_rows<kv_t, 8>(q, k_pages, v_pages, block_table, context_lens, page_size, window, scale, out);
-    case 16: return decode_rows<kv_t, 16>(q, k_pages, v_pages, block_table, context_lens, page_size, window, scale, out);
+    case 1: return decode_rows<kv_t, 1>(q, k_pages, v_pages, page_table, context_lens, page_size, window, scale, out);
+    case 2: return decode_rows<kv_t, 2>(q, k_pages, v_pages, page_table, context_lens, page_size, window, scale, out);
+    case 4: return decode_rows<kv_t, 4>(q, k_pages, v_pages, page_table, context_lens, page_size, window, scale, out);
+    case 8: return decode_rows<kv_t, 8>(q, k_pages, v_pages, page_table, context_lens, page_size, window, scale, out);
+    case 16: return decode_rows<kv_t, 16>(q, k_pages, v_pages, page_table, context_lens, page_size, window, scale, out);
   }
 }
 
-at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_pages, const at::Tensor& v_pages, const at::Tensor& block_table,
+at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_pages, const at::Tensor& v_pages, const at::Tensor& page_table,
                         const at::Tensor& context_lens, int64_t page_size, int64_t window, double scale) {
   const int64_t nv = q.size(2) / W;
   TORCH_CHECK(q.scalar_type() == at::kFloat, "paged_decode: queries must be fp32");
@@ -161,20 +161,20 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_pages, const at
               "paged_decode: the decode pool must be fp32 or bf16");
   TORCH_CHECK(q.size(2) % W == 0 && nv > 0 && nv <= 16 && (nv & (nv - 1)) == 0, "paged_decode: head_dim ", q.size(2), " is not ", W, " times a power of two up to 16");
   TORCH_CHECK(k_pages.size(2) == q.size(2) && k_pages.size(3) % W == 0 && k_pages.size(3) >= page_size, "paged_decode: keys must be (pages, kv_heads, head_dim, key_stride), key_stride a multiple of ", W, " >= page_size");
-  TORCH_CHECK(q.is_contiguous() && k_pages.is_contiguous() && v_pages.is_contiguous() && block_table.is_contiguous() && context_lens.is_contiguous());
+  TORCH_CHECK(q.is_contiguous() && k_pages.is_contiguous() && v_pages.is_contiguous() && page_table.is_contiguous() && context_lens.is_contiguous());
   auto out = at::zeros_like(q);
   const float s = static_cast<float>(scale);
   if (k_pages.scalar_type() == at::kFloat)
-    dispatch_dim<float>(q, k_pages, v_pages, block_table, context_lens, page_size, window, s, out);
+    dispatch_dim<float>(q, k_pages, v_pages, page_table, context_lens, page_size, window, s, out);
   else
-    dispatch_dim<c10::BFloat16>(q, k_pages, v_pages, block_table, context_lens, page_size, window, s, out);
+    dispatch_dim<c10::BFloat16>(q, k_pages, v_pages, page_table, context_lens, page_size, window, s, out);
   return out;
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(fastgen, m) {
-  m.def("paged_decode(Tensor q, Tensor k_pages, Tensor v_pages, Tensor block_table, Tensor context_lens, int page_size, int window, float scale) -> Tensor");
+  m.def("paged_decode(Tensor q, Tensor k_pages, Tensor v_pages, Tensor page_table, Tensor context_lens, int page_size, int window, float scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fastgen, CPU, m) { m.impl("paged_decode", &paged_decode); }

@@ -9,12 +9,15 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
+from fastgen_compile.artifacts import FORMAT, file_identity, key, open_trusted, version, write_manifest
 from fastgen_compile.errors import ModelLoadError
 from fastgen_compile.models.decoder import Decoder, ModelArgs, layer_shapes, top_shapes
 from fastgen_compile.models.registry import Family, Names, resolve
@@ -51,10 +54,15 @@ def check_path(path: str) -> str:
     raise ModelLoadError(f"{path} is neither a model folder (config.json + *.safetensors) nor a GGUF file")
 
 
-def load(path: str, dtype: torch.dtype, device: torch.device, name: str | None = None) -> LoadedModel:
-    loaded = _load_hf_folder(path, dtype, device) if is_hf_folder(check_path(path)) else _load_gguf(path, dtype, device)
-    if name is not None:
-        loaded.name = name
+def load(path: str, dtype: torch.dtype, device: torch.device, prepared_root: Path | None = None) -> LoadedModel:
+    """prepared_root: a GGUF checkpoint loads from its prepared HF-folder copy kept there (made
+    now if missing): parsing a GGUF file's metadata and dequantizing it is most of a cold start."""
+    if is_hf_folder(check_path(path)):
+        return _load_hf_folder(path, dtype, device)
+    if prepared_root is None:
+        return _load_gguf(path, dtype, device)
+    loaded = _load_hf_folder(str(prepared_gguf(prepared_root, path, dtype)), dtype, device)
+    loaded.name = Path(path).stem
     return loaded
 
 
@@ -189,6 +197,23 @@ def prepare_gguf(path: str, dtype: torch.dtype, folder: str | os.PathLike) -> No
     hf_config.save_pretrained(folder)
     _gguf_tokenizer(path).save_pretrained(folder)
     save_file(weights, os.path.join(folder, "model.safetensors"))
+
+
+def prepared_gguf(root: Path, path: str, dtype: torch.dtype) -> Path:
+    """A trusted HF-folder copy of a GGUF checkpoint in `dtype` under root/models/ (built now if missing or bad)."""
+    fields = {"format": FORMAT, "gguf": os.path.realpath(path), "file": file_identity(path), "dtype": str(dtype), "transformers": version("transformers")}
+    folder = Path(root) / "models" / key(Path(path).stem, fields)
+    if not open_trusted(folder, fields, "the prepared model"):
+        tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            prepare_gguf(path, dtype, tmp)
+            write_manifest(tmp, fields, source=os.path.realpath(path))
+            shutil.rmtree(folder, ignore_errors=True)
+            tmp.rename(folder)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return folder
 
 
 def _unpermute_rope_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:

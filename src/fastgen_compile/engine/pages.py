@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from collections import deque
 
+from fastgen_compile.engine.sequence import Sequence
 from fastgen_compile.errors import ConfigError
-from fastgen_compile.sequence import Sequence
 
 SCRATCH_PAGE = 0  # padding tokens write here: never handed out, no query block lists it
 SCRATCH_PAGES = 1
 
 
-class BlockManager:
+class PageManager:
     def __init__(self, num_pages: int, page_size: int):
         if num_pages <= SCRATCH_PAGES:
             raise ConfigError(f"the KV pool needs more than {SCRATCH_PAGES} page, got {num_pages} (raise kv_pages / kv_bytes)")
@@ -32,18 +32,18 @@ class BlockManager:
         return self.num_pages - SCRATCH_PAGES - self.num_free
 
     def pages_needed(self, seq: Sequence, num_tokens: int) -> int:
-        return max(0, -(-num_tokens // self.page_size) - len(seq.block_table))
+        return max(0, -(-num_tokens // self.page_size) - len(seq.page_table))
 
     def tokens_fitting(self, seq: Sequence) -> int:
         """How many tokens the sequence could hold with its pages plus every free page."""
-        return (len(seq.block_table) + self.num_free) * self.page_size
+        return (len(seq.page_table) + self.num_free) * self.page_size
 
     def grow(self, seq: Sequence, num_tokens: int) -> None:
         need = self.pages_needed(seq, num_tokens)
         if need > self.num_free:
             raise RuntimeError(f"sequence {seq.seq_id} needs {need} pages, {self.num_free} free")
-        seq.block_table.extend(self.free_pages.popleft() for _ in range(need))
+        seq.page_table.extend(self.free_pages.popleft() for _ in range(need))
 
     def release(self, seq: Sequence) -> None:
-        self.free_pages.extend(seq.block_table)
-        seq.block_table = []
+        self.free_pages.extend(seq.page_table)
+        seq.page_table = []

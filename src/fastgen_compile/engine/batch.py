@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from fastgen_compile.block_manager import SCRATCH_PAGE
-from fastgen_compile.scheduler import Chunk, StepPlan
+from fastgen_compile.engine.pages import SCRATCH_PAGE
+from fastgen_compile.engine.scheduler import Chunk, StepPlan
 
 
 @dataclass
@@ -96,7 +96,7 @@ def pack(
     slots = np.full(bucket, SCRATCH_PAGE * page_size, dtype=np.int64)
     q_seq = np.full(bucket, -1, dtype=np.int32)
     pieces = place(plan, bucket, decode_rows)
-    page_tables = [np.asarray(c.seq.block_table, dtype=np.int64) for c in plan.chunks]
+    page_tables = [np.asarray(c.seq.page_table, dtype=np.int64) for c in plan.chunks]
     rows_of: list[list[np.ndarray]] = [[] for _ in plan.chunks]
     use_table = bool(decode_table and decode_rows)
     decode_pages = np.zeros((decode_rows, decode_table), dtype=np.int32) if use_table else None

@@ -13,11 +13,10 @@ import itertools
 from collections import deque
 from dataclasses import dataclass, field
 
-from fastgen_compile.block_manager import BlockManager
-from fastgen_compile.errors import ConfigError
-from fastgen_compile.sequence import Sequence, Status
+from fastgen_compile.engine.pages import PageManager
+from fastgen_compile.engine.sequence import Sequence, Status
 
-POLICIES = ("splitfuse", "prefill_first")
+POLICIES = ("splitfuse", "prefill_first")  # EngineConfig checks the name
 
 
 @dataclass(frozen=True)
@@ -47,13 +46,11 @@ class StepPlan:
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, token_budget: int, max_seqs: int, policy: str = "splitfuse", decode_rows: int = 0):
+    def __init__(self, pages: PageManager, token_budget: int, max_seqs: int, policy: str = "splitfuse", decode_rows: int = 0):
         """decode_rows > 0: decodes get their own region of that many rows in every step, at
         most that many decodes; prompt chunks take the rest of the budget, rows the decodes
         leave free included (batch.place); 0: decodes and prompts share it all."""
-        if policy not in POLICIES:
-            raise ConfigError(f"unknown scheduling policy {policy!r}; choose one of {', '.join(POLICIES)}")
-        self.blocks, self.token_budget, self.max_seqs, self.policy = block_manager, token_budget, max_seqs, policy
+        self.pages, self.token_budget, self.max_seqs, self.policy = pages, token_budget, max_seqs, policy
         self.decode_rows = decode_rows
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order; the newest is preempted first
@@ -69,7 +66,7 @@ class Scheduler:
     def finish(self, seq: Sequence, reason: str) -> None:
         """Finished or aborted: free its pages and forget it."""
         seq.status, seq.finish_reason = Status.FINISHED, reason
-        self.blocks.release(seq)
+        self.pages.release(seq)
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
@@ -105,7 +102,7 @@ class Scheduler:
     def _add_decode(self, seq: Sequence, plan: StepPlan) -> None:
         if seq.status is not Status.RUNNING or self._room(plan, decode=True) < 1:
             return
-        while self.blocks.pages_needed(seq, seq.num_tokens) > self.blocks.num_free:
+        while self.pages.pages_needed(seq, seq.num_tokens) > self.pages.num_free:
             scheduled = {c.seq for c in plan.chunks}
             victims = [s for s in self.running if s not in scheduled]
             self._preempt(victims[-1], plan)  # seq itself is a candidate, and the last resort
@@ -129,19 +126,19 @@ class Scheduler:
 
     def _add_prompt_chunk(self, seq: Sequence, plan: StepPlan) -> bool:
         start = seq.num_computed
-        n = min(seq.num_pending, self._room(plan), self.blocks.tokens_fitting(seq) - start)
+        n = min(seq.num_pending, self._room(plan), self.pages.tokens_fitting(seq) - start)
         if n <= 0:
             return False
         self._schedule(seq, start, n, plan)
         return True
 
     def _schedule(self, seq: Sequence, start: int, n: int, plan: StepPlan, is_decode: bool = False) -> None:
-        self.blocks.grow(seq, start + n)
+        self.pages.grow(seq, start + n)
         plan.add(Chunk(seq, start, n, is_decode))
 
     def _preempt(self, seq: Sequence, plan: StepPlan) -> None:
         """Free its pages and requeue it at the front: its prompt and output are recomputed."""
-        self.blocks.release(seq)
+        self.pages.release(seq)
         self.running.remove(seq)
         seq.status, seq.num_computed = Status.WAITING, 0
         seq.num_preemptions += 1

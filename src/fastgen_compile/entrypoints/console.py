@@ -21,11 +21,11 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from fastgen_compile.api import LLM, EngineDied, RequestStream
-from fastgen_compile.bench.workload import corpus, random_slices
-from fastgen_compile.engine import EngineSnapshot, StepStats
-from fastgen_compile.errors import CommandError, FastGenError
-from fastgen_compile.sampling import SamplingParams
+from fastgen_compile.corpus import corpus, random_slices
+from fastgen_compile.engine.engine import EngineSnapshot, StepStats
+from fastgen_compile.entrypoints.llm import LLM, RequestStream
+from fastgen_compile.errors import CommandError, EngineDied, FastGenError
+from fastgen_compile.request import SamplingParams
 
 HELP = {
     "/help": "this list",
@@ -81,7 +81,7 @@ class BackgroundLoad:
 
     def default_prompt_tokens(self) -> int:
         engine = self.llm.engine
-        return min(LOAD_PROMPT_TOKENS, 4 * engine.config.token_budget, engine.blocks.capacity_tokens // 4, engine.max_model_len // 2)
+        return min(LOAD_PROMPT_TOKENS, 4 * engine.config.token_budget, engine.pages.capacity_tokens // 4, engine.max_model_len // 2)
 
     def start(self, clients: int, prompt_tokens: int) -> None:
         """The first request of each client is made here, so a bad size fails on the caller's thread."""

@@ -1,43 +1,35 @@
-"""Sampling parameters and the batched sampler (greedy, temperature, top-k, top-p, seeds)."""
+"""The batched sampler (greedy, temperature, top-k, top-p) and each request's own random stream."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from fastgen_compile.errors import RequestError
+from fastgen_compile.request import SamplingParams
 
 
-@dataclass(frozen=True)
-class SamplingParams:
-    max_new_tokens: int = 256
-    temperature: float = 1.0  # 0 means greedy
-    top_k: int = 0  # 0 means off
-    top_p: float = 1.0
-    seed: int | None = None
-    stop_token_ids: tuple[int, ...] = ()
-    stop: tuple[str, ...] = ()  # stop strings; the text ends before them
-    ignore_eos: bool = False
+class Sampler:
+    """Draws the next token of every sampled row. A seeded request's draws come from its own
+    generator, so they do not depend on the batch it shares; the generators live here, keyed by
+    request id, so the bookkeeping side (Sequence, Scheduler) holds no tensors."""
 
-    def __post_init__(self) -> None:
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise RequestError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
-        if not self.temperature >= 0:
-            raise RequestError(f"temperature must be >= 0, got {self.temperature!r}")
-        if not 0 < self.top_p <= 1:
-            raise RequestError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            raise RequestError(f"top_k must be an integer >= 0, got {self.top_k!r}")
-        # accept lists from callers, keep the frozen dataclass hashable
-        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
-        object.__setattr__(self, "stop", (self.stop,) if isinstance(self.stop, str) else tuple(self.stop))
-        if any(not s for s in self.stop):
-            raise RequestError("stop strings must not be empty")
+    def __init__(self) -> None:
+        self._generators: dict[int, torch.Generator] = {}
 
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
+    def __call__(self, logits: torch.Tensor, requests: list[tuple[int, SamplingParams]]) -> list[int]:
+        """logits: (rows, vocab) fp32, one row per (request id, params)."""
+        params = [p for _, p in requests]
+        if all(p.greedy for p in params):
+            return logits.argmax(dim=-1).tolist()
+        generators = [self._generator(rid, p.seed) for rid, p in requests]
+        return sample(logits, params, generators)
+
+    def _generator(self, request_id: int, seed: int | None) -> torch.Generator:
+        if (g := self._generators.get(request_id)) is None:
+            g = self._generators[request_id] = new_generator(seed)
+        return g
+
+    def forget(self, request_id: int) -> None:
+        self._generators.pop(request_id, None)
 
 
 def new_generator(seed: int | None) -> torch.Generator:
@@ -53,8 +45,6 @@ def new_generator(seed: int | None) -> torch.Generator:
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]) -> list[int]:
     """logits: (rows, vocab) fp32, one row per sequence to sample."""
     greedy = logits.argmax(dim=-1)
-    if all(p.greedy for p in params):
-        return greedy.tolist()
     temperature = torch.tensor([p.temperature or 1.0 for p in params], device=logits.device)
     scaled = logits / temperature[:, None]
     vocab = scaled.shape[-1]

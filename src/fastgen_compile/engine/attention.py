@@ -22,7 +22,7 @@ from typing import NamedTuple
 import torch
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-from fastgen_compile.batch import Batch, BlockLists
+from fastgen_compile.engine.batch import Batch, BlockLists
 
 
 class LayerKV(NamedTuple):

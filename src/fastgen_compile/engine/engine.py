@@ -1,0 +1,241 @@
+"""Engine: add_requests / step / abort. Wires loader, scheduler, pages, batch, runner, sampler, detokenizer.
+
+Thread-safe by construction: callers only touch the inbox (new requests, aborts); the
+thread that calls `step` owns all other state.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fastgen_compile import kernels
+from fastgen_compile.artifacts import default_root, file_identity
+from fastgen_compile.config import EngineConfig
+from fastgen_compile.engine.batch import Batch, pack, pick_bucket
+from fastgen_compile.engine.compiler import Compiler
+from fastgen_compile.engine.detokenizer import Detokenizer
+from fastgen_compile.engine.graph_cache import BucketWarmup, GraphCache
+from fastgen_compile.engine.pages import PageManager
+from fastgen_compile.engine.runner import Runner
+from fastgen_compile.engine.sampler import Sampler
+from fastgen_compile.engine.scheduler import Scheduler, StepPlan
+from fastgen_compile.engine.sequence import Sequence, Status
+from fastgen_compile.errors import RequestError
+from fastgen_compile.models.loader import check_path, embedded_model_path, load
+from fastgen_compile.request import FinishReason, RequestOutput, SamplingParams
+
+log = logging.getLogger(__name__)
+
+STEP_HISTORY = 100_000  # StepStats kept: a long-running engine must not grow without bound
+
+Prompt = str | list[int]  # text, or token ids
+
+
+@dataclass(frozen=True, slots=True)
+class StepStats:
+    """What one forward pass carried: SplitFuse at work."""
+
+    bucket: int
+    decode_tokens: int
+    prompt_tokens: int
+    num_seqs: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class EngineSnapshot:
+    """The engine's load, read from any thread (for a live display); counts may be a step apart."""
+
+    running: int
+    waiting: int
+    pages_used: int
+    pages_free: int
+    num_steps: int
+    recent_steps: list[StepStats]  # oldest first
+
+
+class Engine:
+    def __init__(self, config: EngineConfig | None = None, **overrides):
+        self.config = c = config or EngineConfig(**overrides)
+        device = torch.device(c.device)
+        path = check_path(c.model or embedded_model_path())
+        root = Path(c.graphs_dir) if c.graphs_dir else default_root()
+        loaded = load(path, c.torch_dtype, device, prepared_root=root if c.graph_cache else None)
+        self.model, self.tokenizer, self.hf_config, self.model_name = loaded.model, loaded.tokenizer, loaded.hf_config, loaded.name
+        args = self.model.args
+        self.max_model_len = c.max_model_len or args.max_position_embeddings
+        if args.context_length is not None:
+            self.max_model_len = min(self.max_model_len, args.context_length)
+        # decided once, before the pool is sized: the kernel's copy of the pool is only made where it runs
+        decode_kernel = (c.decode_kernel and c.decode_rows > 0 and kernels.paged_decode_fits(device, c.torch_dtype, args.head_dim)
+                         and kernels.paged_decode_available(root))
+        num_pages = c.num_pages(Runner.kv_bytes_per_token(args, c, decode_kernel), self.max_model_len)
+        self.pages = PageManager(num_pages, c.page_size)
+        self.scheduler = Scheduler(self.pages, c.token_budget, c.max_seqs, c.policy, c.decode_rows)
+        graph_cache = None
+        if c.compile and c.graph_cache:
+            graph_cache = GraphCache.for_engine(root, self.model_name, file_identity(path), args, c, num_pages, decode_kernel)
+        self.compiler = Compiler(c.compile, device, graph_cache, c.strict_recompiles)
+        self.runner = Runner(self.model, c, num_pages, self.max_model_len, self.compiler, decode_kernel)
+        self.sampler = Sampler()
+        self.detokenizer = Detokenizer(self.tokenizer)
+        self.eos_token_ids = self._eos_token_ids()
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._ids = itertools.count()
+        self._seqs: dict[int, Sequence] = {}
+        self.step_stats: deque[StepStats] = deque(maxlen=STEP_HISTORY)
+        self.num_steps = 0  # every step ever taken; step_stats keeps the newest
+        self._stats_lock = threading.Lock()  # steps_since and snapshot copy step_stats on other threads
+        if c.compile and c.warmup:
+            self.warmup()
+
+    def _eos_token_ids(self) -> frozenset[int]:
+        eos = getattr(self.hf_config, "eos_token_id", None)
+        ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return frozenset(ids)
+
+    def warmup(self) -> list[BucketWarmup]:
+        """Compile (or load from the graph cache) every bucket's forward now: see Compiler.warmup."""
+        return self.compiler.warmup(self.config.buckets, lambda bucket: self.runner.forward(self.pack(StepPlan(), bucket)))
+
+    # ---- requests --------------------------------------------------------------------
+
+    def add_requests(self, prompts: Seq[Prompt], params: SamplingParams | Seq[SamplingParams] | None = None) -> list[int]:
+        """Validate every request, then queue them all (all or nothing): a RequestError naming the
+        first bad one queues none. params: one for all, or one per prompt. Returns the request ids."""
+        params = params if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        if len(params) != len(prompts):
+            raise RequestError(f"{len(prompts)} prompts but {len(params)} sampling params")
+        seqs = [self._new_sequence(prompt, p) for prompt, p in zip(prompts, params)]
+        for seq in seqs:
+            self._inbox.put(("add", seq))
+        return [seq.seq_id for seq in seqs]
+
+    def _new_sequence(self, prompt: Prompt, params: SamplingParams | None) -> Sequence:
+        params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise RequestError(f"sampling params must be SamplingParams, got {type(params).__name__}")
+        if isinstance(prompt, str):
+            ids, text = self.tokenizer.encode(prompt), prompt
+        elif isinstance(prompt, (list, tuple)):
+            ids, text = list(prompt), None
+        else:
+            raise RequestError(f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+        if not ids:
+            raise RequestError("the prompt is empty")
+        vocab = self.model.args.vocab_size
+        if any(not isinstance(t, int) or not 0 <= t < vocab for t in ids):
+            raise RequestError(f"prompt token ids must be integers in [0, {vocab})")
+        total = len(ids) + params.max_new_tokens
+        need = f"prompt ({len(ids)} tokens) + max_new_tokens ({params.max_new_tokens}) = {total}"
+        if total > self.max_model_len:
+            raise RequestError(f"{need} exceeds the model's context of {self.max_model_len} tokens")
+        if total > self.pages.capacity_tokens:
+            raise RequestError(f"{need} exceeds the whole KV pool of {self.pages.capacity_tokens} tokens")
+        return Sequence(next(self._ids), ids, params, prompt=text)
+
+    def abort(self, request_id: int) -> None:
+        self._inbox.put(("abort", request_id))
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work() or not self._inbox.empty()
+
+    # ---- the step --------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """One forward pass over what the scheduler chose; returns every request's news."""
+        outputs = self._drain_inbox()
+        plan = self.scheduler.schedule()
+        if not plan.chunks:
+            return outputs
+        t0 = time.perf_counter()
+        bucket = pick_bucket(self.config.buckets, plan)
+        logits = self.runner.forward(self.pack(plan, bucket))
+        self.scheduler.update(plan)
+        sampling = [c.seq for c in plan.chunks if c.samples]
+        tokens = self.sampler(logits, [(s.seq_id, s.params) for s in sampling]) if sampling else []
+        for seq, token in zip(sampling, tokens):
+            outputs.append(self._append_token(seq, token))
+        stats = StepStats(bucket, plan.num_decode_tokens, plan.num_tokens - plan.num_decode_tokens, len(plan.chunks), time.perf_counter() - t0)
+        with self._stats_lock:
+            self.step_stats.append(stats)
+            self.num_steps += 1
+        return outputs
+
+    def steps_since(self, num_steps: int) -> list[StepStats]:
+        """Stats of every step after the first `num_steps` (as far as step_stats still holds them)."""
+        with self._stats_lock:
+            count = min(len(self.step_stats), self.num_steps - num_steps)
+            return list(itertools.islice(reversed(self.step_stats), max(0, count)))[::-1]  # from the newest end: O(count)
+
+    def snapshot(self, recent_steps: int = 32) -> EngineSnapshot:
+        return EngineSnapshot(
+            running=len(self.scheduler.running),
+            waiting=len(self.scheduler.waiting),
+            pages_used=self.pages.num_used,
+            pages_free=self.pages.num_free,
+            num_steps=self.num_steps,
+            recent_steps=self.steps_since(self.num_steps - recent_steps),
+        )
+
+    def pack(self, plan: StepPlan, bucket: int) -> Batch:
+        c = self.config
+        decode_rows = min(bucket, c.decode_rows)  # a bucket below decode_rows is all decode rows
+        return pack(plan, bucket, decode_rows, c.page_size, c.q_block, self.pages.num_pages, self.model.args.sliding_window, self.runner.decode_table)
+
+    def _drain_inbox(self) -> list[RequestOutput]:
+        aborted = []
+        while not self._inbox.empty():
+            kind, item = self._inbox.get()
+            if kind == "add":
+                self._seqs[item.seq_id] = item
+                self.scheduler.add(item)
+            elif (seq := self._seqs.get(item)) is not None:
+                self._finish(seq, "abort")
+                aborted.append(self._output(seq, "", []))
+        return aborted
+
+    def _append_token(self, seq: Sequence, token: int) -> RequestOutput:
+        seq.output_token_ids.append(token)
+        p = seq.params
+        reason: FinishReason | None = None
+        if (token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
+            reason = "stop"
+        elif len(seq.output_token_ids) >= p.max_new_tokens or seq.num_tokens >= self.max_model_len:
+            reason = "length"
+        delta, stopped = self.detokenizer.update(seq.text_state, seq.output_token_ids, p.stop, final=reason is not None)
+        if stopped:
+            reason = "stop"
+        if reason is not None:
+            self._finish(seq, reason)
+        return self._output(seq, delta, [token])
+
+    def _finish(self, seq: Sequence, reason: FinishReason) -> None:
+        self.scheduler.finish(seq, reason)
+        self.sampler.forget(seq.seq_id)
+        del self._seqs[seq.seq_id]
+
+    def _output(self, seq: Sequence, delta_text: str, delta_ids: list[int]) -> RequestOutput:
+        return RequestOutput(
+            request_id=seq.seq_id,
+            prompt=seq.prompt,
+            prompt_token_ids=seq.prompt_token_ids,
+            text=seq.text_state.text[: seq.text_state.num_emitted],
+            token_ids=list(seq.output_token_ids),
+            delta_text=delta_text,
+            delta_token_ids=delta_ids,
+            finished=seq.status is Status.FINISHED,
+            finish_reason=seq.finish_reason,
+        )
