@@ -31,9 +31,11 @@ class LLM:
     ) -> list[RequestOutput]:
         """All prompts go to the engine at once (continuous batching); outputs in prompt order.
         A bad prompt or parameter raises RequestError and none of them runs."""
-        if (prompts is None) == (prompt_token_ids is None):
-            raise RequestError("give prompts or prompt_token_ids, not both" if prompts is not None else "give prompts or prompt_token_ids")
-        batch = [prompts] if isinstance(prompts, str) else list(prompts if prompts is not None else prompt_token_ids)
+        if prompts is not None and prompt_token_ids is not None:
+            raise RequestError("give prompts or prompt_token_ids, not both")
+        if prompts is None and prompt_token_ids is None:
+            raise RequestError("give prompts or prompt_token_ids")
+        batch = [prompts] if isinstance(prompts, str) else list(prompt_token_ids if prompts is None else prompts)
         queues = [queue.SimpleQueue() for _ in batch]
         ids = self.loop.submit(batch, sampling_params, [q.put for q in queues])
         return [last(self._follow(rid, q)) for rid, q in zip(ids, queues)]
