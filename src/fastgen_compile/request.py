@@ -11,6 +11,8 @@ from typing import Literal
 
 from fastgen_compile.errors import RequestError
 
+MAX_LOGPROBS = 20  # top alternatives a request may ask for per token (OpenAI's chat limit; completions allow 5)
+
 FinishReason = Literal["stop", "length", "abort"]  # eos / stop token / stop string; max_new_tokens or context; aborted
 
 
@@ -24,6 +26,9 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     stop: tuple[str, ...] = ()  # stop strings; the text ends before them
     ignore_eos: bool = False
+    min_tokens: int = 0  # eos, stop tokens and stop strings do not end the output before this many tokens
+    logprobs: int | None = None  # each generated token's logprob and this many top alternatives (None: off)
+    prompt_logprobs: int | None = None  # the same for the prompt's tokens (its first has none)
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -34,6 +39,12 @@ class SamplingParams:
             raise RequestError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if not isinstance(self.top_k, int) or self.top_k < 0:
             raise RequestError(f"top_k must be an integer >= 0, got {self.top_k!r}")
+        if not isinstance(self.min_tokens, int) or not 0 <= self.min_tokens <= self.max_new_tokens:
+            raise RequestError(f"min_tokens must be an integer in [0, max_new_tokens={self.max_new_tokens}], got {self.min_tokens!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or not 0 <= value <= MAX_LOGPROBS):
+                raise RequestError(f"{name} must be an integer in [0, {MAX_LOGPROBS}], got {value!r}")
         # accept lists from callers, keep the frozen dataclass hashable
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
         object.__setattr__(self, "stop", (self.stop,) if isinstance(self.stop, str) else tuple(self.stop))
@@ -43,6 +54,16 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """One token's log-probability under the model (raw logits, before temperature and top-k/p),
+    and the most likely tokens at its position, best first."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass
@@ -56,6 +77,8 @@ class RequestOutput:
     delta_token_ids: list[int]
     finished: bool
     finish_reason: FinishReason | None  # None while running
+    logprobs: list[TokenLogprob] | None = None  # one per generated token so far, when asked
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # one per prompt token (the first None), when asked
 
     @property
     def generated_text(self) -> str:  # DeepSpeed-MII's name

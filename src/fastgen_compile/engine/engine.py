@@ -16,6 +16,7 @@ from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from fastgen_compile import kernels
@@ -27,7 +28,7 @@ from fastgen_compile.engine.detokenizer import Detokenizer
 from fastgen_compile.engine.graph_cache import BucketWarmup, GraphCache
 from fastgen_compile.engine.pages import PageManager
 from fastgen_compile.engine.runner import Runner
-from fastgen_compile.engine.sampler import Sampler
+from fastgen_compile.engine.sampler import Sampler, token_logprobs
 from fastgen_compile.engine.scheduler import Scheduler, StepPlan
 from fastgen_compile.engine.sequence import Sequence, Status
 from fastgen_compile.errors import RequestError
@@ -90,7 +91,7 @@ class Engine:
         self.sampler = Sampler()
         self.detokenizer = Detokenizer(self.tokenizer)
         self.eos_token_ids = self._eos_token_ids()
-        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._inbox: queue.Queue = queue.Queue()
         self._ids = itertools.count()
         self._seqs: dict[int, Sequence] = {}
         self.step_stats: deque[StepStats] = deque(maxlen=STEP_HISTORY)
@@ -149,6 +150,13 @@ class Engine:
     def abort(self, request_id: int) -> None:
         self._inbox.put(("abort", request_id))
 
+    @property
+    def num_waiting(self) -> int:
+        """Requests not yet admitted (queued, or still in the inbox); read from any thread."""
+        with self._inbox.mutex:
+            in_inbox = sum(1 for kind, _ in self._inbox.queue if kind == "add")
+        return len(self.scheduler.waiting) + in_inbox
+
     def has_work(self) -> bool:
         return self.scheduler.has_work() or not self._inbox.empty()
 
@@ -162,17 +170,67 @@ class Engine:
             return outputs
         t0 = time.perf_counter()
         bucket = pick_bucket(self.config.buckets, plan)
-        logits = self.runner.forward(self.pack(plan, bucket))
+        batch = self.pack(plan, bucket)
+        scored = self._prompt_logprob_rows(plan, batch)
+        rows = torch.cat([batch.sample_rows, *(torch.from_numpy(r) for _, _, r in scored)]) if scored else None
+        logits = self.runner.forward(batch, rows)
         self.scheduler.update(plan)
         sampling = [c.seq for c in plan.chunks if c.samples]
-        tokens = self.sampler(logits, [(s.seq_id, s.params) for s in sampling]) if sampling else []
-        for seq, token in zip(sampling, tokens):
-            outputs.append(self._append_token(seq, token))
+        sampled, logits = logits[: len(sampling)], logits[len(sampling) :]
+        if scored:
+            self._record_prompt_logprobs(scored, logits)
+        if sampling:
+            tokens = self.sampler(self._ban_early_stops(sampled, sampling), [(s.seq_id, s.params) for s in sampling])
+            self._record_logprobs(sampled, sampling, tokens)
+            for seq, token in zip(sampling, tokens):
+                outputs.append(self._append_token(seq, token))
         stats = StepStats(bucket, plan.num_decode_tokens, plan.num_tokens - plan.num_decode_tokens, len(plan.chunks), time.perf_counter() - t0)
         with self._stats_lock:
             self.step_stats.append(stats)
             self.num_steps += 1
         return outputs
+
+    def _prompt_logprob_rows(self, plan: StepPlan, batch: Batch) -> list[tuple[Sequence, int, np.ndarray]]:
+        """(sequence, first position, rows) of the prompt positions whose logits score the next
+        prompt token, for sequences asking prompt_logprobs; positions already scored before a
+        preemption are not scored again."""
+        scored = []
+        for chunk, rows in zip(plan.chunks, batch.chunk_rows):
+            seq = chunk.seq
+            if seq.params.prompt_logprobs is None:
+                continue
+            first = max(chunk.start, len(seq.prompt_logprobs) - 1)
+            end = min(chunk.start + chunk.num_tokens, len(seq.prompt_token_ids) - 1)
+            if end > first:
+                scored.append((seq, first, rows[first - chunk.start : end - chunk.start]))
+        return scored
+
+    def _record_prompt_logprobs(self, scored: list[tuple[Sequence, int, np.ndarray]], logits: torch.Tensor) -> None:
+        targets = [t for seq, first, rows in scored for t in seq.prompt_token_ids[first + 1 : first + 1 + len(rows)]]
+        tops = [seq.params.prompt_logprobs for seq, _, rows in scored for _ in rows]
+        found = iter(token_logprobs(logits, targets, tops))
+        for seq, _, rows in scored:
+            seq.prompt_logprobs.extend(next(found) for _ in rows)
+
+    def _record_logprobs(self, logits: torch.Tensor, seqs: list[Sequence], tokens: list[int]) -> None:
+        asking = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
+        if asking:
+            found = token_logprobs(logits[asking], [tokens[i] for i in asking], [seqs[i].params.logprobs for i in asking])
+            for i, logprob in zip(asking, found):
+                seqs[i].logprobs.append(logprob)
+
+    def _ban_early_stops(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """Below min_tokens, eos and the stop tokens cannot be sampled (a copy; the logprobs see the model's own)."""
+        banned = [(i, t) for i, s in enumerate(seqs) if len(s.output_token_ids) < s.params.min_tokens for t in self._stop_ids(s.params)]
+        if not banned:
+            return logits
+        rows, ids = zip(*banned)
+        logits = logits.clone()
+        logits[list(rows), list(ids)] = float("-inf")
+        return logits
+
+    def _stop_ids(self, p: SamplingParams) -> tuple[int, ...]:
+        return p.stop_token_ids if p.ignore_eos else (*p.stop_token_ids, *self.eos_token_ids)
 
     def steps_since(self, num_steps: int) -> list[StepStats]:
         """Stats of every step after the first `num_steps` (as far as step_stats still holds them)."""
@@ -183,7 +241,7 @@ class Engine:
     def snapshot(self, recent_steps: int = 32) -> EngineSnapshot:
         return EngineSnapshot(
             running=len(self.scheduler.running),
-            waiting=len(self.scheduler.waiting),
+            waiting=self.num_waiting,
             pages_used=self.pages.num_used,
             pages_free=self.pages.num_free,
             num_steps=self.num_steps,
@@ -210,12 +268,14 @@ class Engine:
     def _append_token(self, seq: Sequence, token: int) -> RequestOutput:
         seq.output_token_ids.append(token)
         p = seq.params
+        may_stop = len(seq.output_token_ids) >= p.min_tokens
         reason: FinishReason | None = None
-        if (token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
+        if may_stop and token in self._stop_ids(p):
             reason = "stop"
         elif len(seq.output_token_ids) >= p.max_new_tokens or seq.num_tokens >= self.max_model_len:
             reason = "length"
-        delta, stopped = self.detokenizer.update(seq.text_state, seq.output_token_ids, p.stop, final=reason is not None)
+        stop_strings = p.stop if may_stop else ()
+        delta, stopped = self.detokenizer.update(seq.text_state, seq.output_token_ids, stop_strings, final=reason is not None)
         if stopped:
             reason = "stop"
         if reason is not None:
@@ -238,4 +298,6 @@ class Engine:
             delta_token_ids=delta_ids,
             finished=seq.status is Status.FINISHED,
             finish_reason=seq.finish_reason,
+            logprobs=list(seq.logprobs) if seq.params.logprobs is not None else None,
+            prompt_logprobs=list(seq.prompt_logprobs) if seq.params.prompt_logprobs is not None else None,
         )

@@ -93,14 +93,15 @@ class Runner:
         return total
 
     @torch.inference_mode()
-    def forward(self, batch: Batch) -> torch.Tensor:
-        """Logits (fp32) of the sampled rows only."""
+    def forward(self, batch: Batch, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (fp32) of the given rows only (default: the sampled rows)."""
         inputs = self.inputs.get(batch.bucket)
         if inputs is None:
             inputs = self.inputs[batch.bucket] = BucketInputs.like(batch, self.device, self.attention)
         inputs.fill(batch)
         hidden = self.compiler.run(batch.bucket, lambda: self._body(inputs))
-        return self.model.logits(hidden[batch.sample_rows.to(self.device)], self.linear)
+        rows = batch.sample_rows if rows is None else rows
+        return self.model.logits(hidden[rows.to(self.device)], self.linear)
 
     def _body(self, inputs: BucketInputs) -> torch.Tensor:
         """The bucket's forward up to the last hidden states: only in-place writes and fixed shapes,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from fastgen_compile.request import SamplingParams
+from fastgen_compile.request import SamplingParams, TokenLogprob
 
 
 class Sampler:
@@ -66,3 +66,13 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
         choice = order.gather(1, choice[:, None])[:, 0]
     is_greedy = torch.tensor([p.greedy for p in params], device=logits.device)
     return torch.where(is_greedy, greedy, choice).tolist()
+
+
+def token_logprobs(logits: torch.Tensor, token_ids: list[int], tops: list[int]) -> list[TokenLogprob]:
+    """Each row's log-softmax at its token, with its tops[i] most likely tokens (the model's own
+    distribution: before temperature and top-k/p, as vLLM and OpenAI report them)."""
+    logp = logits.float().log_softmax(dim=-1)
+    chosen = logp.gather(1, torch.tensor(token_ids, device=logp.device)[:, None])[:, 0].tolist()
+    k = max(tops, default=0)
+    best_lp, best_ids = (t.tolist() for t in logp.topk(k, dim=-1)) if k else ([[]] * len(tops), [[]] * len(tops))
+    return [TokenLogprob(t, lp, tuple(zip(ids[:n], lps[:n]))) for t, lp, ids, lps, n in zip(token_ids, chosen, best_ids, best_lp, tops)]

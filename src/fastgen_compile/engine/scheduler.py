@@ -56,6 +56,7 @@ class Scheduler:
         self.running: list[Sequence] = []  # in admission order; the newest is preempted first
         # a new id per admission: slots written before a preemption never match the recompute
         self._kv_ids = itertools.count()
+        self.num_preemptions = 0  # ever
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -142,6 +143,7 @@ class Scheduler:
         self.running.remove(seq)
         seq.status, seq.num_computed = Status.WAITING, 0
         seq.num_preemptions += 1
+        self.num_preemptions += 1
         plan.preempted.append(seq)
         self.waiting.appendleft(seq)
 

@@ -6,7 +6,7 @@ import enum
 from dataclasses import dataclass, field
 
 from fastgen_compile.engine.detokenizer import TextState
-from fastgen_compile.request import FinishReason, SamplingParams
+from fastgen_compile.request import FinishReason, SamplingParams, TokenLogprob
 
 
 class Status(enum.Enum):
@@ -29,6 +29,8 @@ class Sequence:
     finish_reason: FinishReason | None = None
     text_state: TextState = field(default_factory=TextState)  # the output as text, and how much of it was handed out
     num_preemptions: int = 0
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # of each output token, when params.logprobs asks
+    prompt_logprobs: list[TokenLogprob | None] = field(default_factory=lambda: [None])  # the first prompt token has none
 
     @property
     def num_tokens(self) -> int:
