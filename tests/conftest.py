@@ -7,7 +7,15 @@ bucket's graph at start (~30 s), and every engine-level test shares it.
 from __future__ import annotations
 
 import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
 import time
+from dataclasses import dataclass, field
 
 import pytest
 import torch
@@ -108,3 +116,78 @@ def idle_free_pages():
 @pytest.fixture(scope="session")
 def wait_idle():
     return _wait_idle
+
+
+# ---- the real server, a subprocess ------------------------------------------------------
+
+SERVER_FLAGS = ["--dtype", "float32", "--buckets", "16", "64", "--decode-rows", "16", "--page-size", "16", "--q-block", "16",
+                "--kv-pages", str(KV_PAGES), "--max-seqs", "16"]  # ENGINE_CONFIG as flags
+API_KEY = "test-key-123"
+
+
+@dataclass
+class ServerProcess:
+    proc: subprocess.Popen
+    http_url: str
+    grpc_address: str | None
+    api_key: str | None
+    ready_line: str
+    stderr_path: str
+    engine_config: dict = field(default_factory=lambda: dict(ENGINE_CONFIG))
+
+    def stderr(self) -> str:
+        with open(self.stderr_path) as f:
+            return f.read()
+
+
+def serve_command(*flags: str) -> list[str]:
+    return [sys.executable, "-m", "fastgen_compile.cli", "serve", *SERVER_FLAGS, *flags]
+
+
+def start_server(*flags: str, api_key: str | None = API_KEY, timeout: float = 300.0) -> ServerProcess:
+    """`fastgen-compile serve` on free loopback ports, in its own process group; returns once its ready line is out."""
+    stderr = tempfile.NamedTemporaryFile("w", prefix="fastgen-serve-", suffix=".log", delete=False)
+    key = ["--api-key", api_key] if api_key else []
+    proc = subprocess.Popen(serve_command("--port", "0", "--grpc-port", "0", *key, *flags), stdout=subprocess.PIPE, stderr=stderr,
+                            text=True, start_new_session=True, env={**os.environ, "FASTGEN_API_KEY": ""})
+    lines: queue.SimpleQueue = queue.SimpleQueue()
+
+    def read_stdout() -> None:  # keeps the pipe drained for the server's whole life
+        for line in proc.stdout:
+            lines.put(line)
+
+    threading.Thread(target=read_stdout, daemon=True).start()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            line = lines.get(timeout=0.5)
+        except queue.Empty:
+            if proc.poll() is not None:
+                break
+            continue
+        if line.startswith("ready:"):
+            http = re.search(r"at (http://\S+) ", line).group(1)
+            grpc = re.search(r"gRPC at (\S+?)[;,\s]", line)
+            return ServerProcess(proc, http, grpc and grpc.group(1), api_key, line, stderr.name)
+    stop_server_process(proc)
+    raise RuntimeError(f"the server did not start: {open(stderr.name).read()[-3000:]}")
+
+
+def stop_server_process(proc: subprocess.Popen, timeout: float = 60.0) -> int:
+    """SIGTERM to its process group (it drains and exits); SIGKILL if it does not."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return proc.returncode
+
+
+@pytest.fixture(scope="module")
+def server(request):
+    """One real server per test module that asks for it, with the module's SERVER_EXTRA_FLAGS."""
+    s = start_server(*getattr(request.module, "SERVER_EXTRA_FLAGS", ()))
+    yield s
+    stop_server_process(s.proc)

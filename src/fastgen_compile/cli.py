@@ -178,6 +178,12 @@ def parser() -> argparse.ArgumentParser:
     bench_run.add_arguments(b)
     b.set_defaults(run=bench_run.main)
 
+    s = sub.add_parser("serve", help="persistent server: OpenAI-compatible HTTP (SSE streaming), gRPC, Prometheus /metrics")
+    from fastgen_compile.serving import server
+
+    server.add_arguments(s)
+    s.set_defaults(run=server.main)
+
     w = sub.add_parser("warmup", help="compile every bucket and save the graphs, so later starts load them")
     add_engine_flags(w)
     w.set_defaults(run=cmd_warmup)

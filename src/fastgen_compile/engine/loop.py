@@ -59,6 +59,12 @@ class EngineLoop:
         with self._work:
             return len(self._sinks)
 
+    @property
+    def alive(self) -> bool:
+        """Open and not failed: it takes requests."""
+        with self._work:
+            return not self._closed and self._failure is None
+
     def submit(self, prompts: Seq[Prompt], params: SamplingParams | Seq[SamplingParams] | None, sinks: Seq[Sink]) -> list[int]:
         """Validate and queue the requests, all or none (Engine.add_requests); sinks: one per prompt."""
         with self._work:

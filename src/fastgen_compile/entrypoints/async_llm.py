@@ -32,31 +32,47 @@ class AsyncLLM:
     def generate_async(self, prompt: Prompt, sampling_params: SamplingParams | None = None) -> AsyncIterator[RequestOutput]:
         """One output per new token. Call it inside the event loop: a bad request raises RequestError
         here, before anything is iterated (a server can still answer 400)."""
-        queue, sink = _queue_sink()
-        (rid,) = self.loop.submit([prompt], sampling_params, [sink])
-        return self._follow(rid, queue)
+        return _outputs_only(self.generate_many([prompt], sampling_params))
+
+    def generate_many(self, prompts: Seq[Prompt], sampling_params: SamplingParams | Seq[SamplingParams] | None = None
+                      ) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """Every prompt at once (all valid, or none runs, RequestError raised here); then (prompt
+        index, output) as each arrives. Closing it or leaving early aborts what did not finish."""
+        event_loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+
+        def sink_of(index: int) -> Sink:
+            def sink(item: RequestOutput | BaseException) -> None:
+                with contextlib.suppress(RuntimeError):  # the event loop is closed: nobody is waiting any more
+                    event_loop.call_soon_threadsafe(queue.put_nowait, (index, item))
+            return sink
+
+        ids = self.loop.submit(list(prompts), sampling_params, [sink_of(i) for i in range(len(prompts))])
+        return self._follow(ids, queue)
 
     async def generate(self, prompts: Seq[Prompt], sampling_params: SamplingParams | Seq[SamplingParams] | None = None) -> list[RequestOutput]:
         """Every prompt at once (all valid, or none runs); the final outputs, in prompt order."""
-        pairs = [_queue_sink() for _ in prompts]
-        ids = self.loop.submit(list(prompts), sampling_params, [sink for _, sink in pairs])
-        followers = [self._follow(rid, queue) for rid, (queue, _) in zip(ids, pairs)]
-        try:
-            return list(await asyncio.gather(*(_last(f) for f in followers)))
-        finally:
-            for f in followers:
-                await f.aclose()  # aborts whatever did not finish (a sibling failed, or we were cancelled)
+        final: list[RequestOutput | None] = [None] * len(prompts)
+        async with contextlib.aclosing(self.generate_many(prompts, sampling_params)) as outputs:
+            async for i, out in outputs:
+                final[i] = out
+        return final
 
-    async def _follow(self, rid: int, queue: asyncio.Queue) -> AsyncIterator[RequestOutput]:
-        finished = False
+    def abort(self, request_id: int) -> None:
+        """Stop a request from anywhere; its follower gets a last output with finish_reason "abort"."""
+        self.loop.abort(request_id, keep_sink=True)
+
+    async def _follow(self, ids: list[int], queue: asyncio.Queue) -> AsyncIterator[tuple[int, RequestOutput]]:
+        unfinished = set(range(len(ids)))
         try:
-            while not finished:
-                out = unwrap(await queue.get())
-                finished = out.finished
-                yield out
+            while unfinished:
+                index, item = await queue.get()
+                out = unwrap(item)
+                if out.finished:
+                    unfinished.discard(index)
+                yield index, out
         finally:
-            if not finished:
-                self.loop.abort(rid)
+            for index in unfinished:
+                self.loop.abort(ids[index])
 
     def apply_chat_template(self, messages: list[dict[str, str]]) -> str:
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -66,19 +82,7 @@ class AsyncLLM:
             self.loop.close()
 
 
-def _queue_sink() -> tuple[asyncio.Queue, Sink]:
-    """A queue of the running event loop, and a sink the engine thread may call."""
-    event_loop, queue = asyncio.get_running_loop(), asyncio.Queue()
-
-    def sink(item: RequestOutput | BaseException) -> None:
-        with contextlib.suppress(RuntimeError):  # the event loop is closed: nobody is waiting any more
-            event_loop.call_soon_threadsafe(queue.put_nowait, item)
-
-    return queue, sink
-
-
-async def _last(outputs: AsyncIterator[RequestOutput]) -> RequestOutput:
-    final = None
-    async for final in outputs:  # noqa: B007 - the last one is the point
-        pass
-    return final
+async def _outputs_only(outputs: AsyncIterator[tuple[int, RequestOutput]]) -> AsyncIterator[RequestOutput]:
+    async with contextlib.aclosing(outputs):
+        async for _, out in outputs:
+            yield out
