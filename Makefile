@@ -3,7 +3,7 @@ PYTHON := .venv/bin/python
 PIP := $(PYTHON) -m pip install -q
 STAMP := .venv/.installed
 
-.PHONY: venv demo test lint
+.PHONY: venv demo test lint proto
 
 venv: $(STAMP)
 
@@ -24,3 +24,7 @@ test: venv
 
 lint: venv
 	.venv/bin/ruff check .
+
+# regenerate the gRPC modules from src/fastgen_compile/serving/proto/fastgen.proto (grpcio-tools, in the test extra)
+proto: venv
+	$(PYTHON) -m grpc_tools.protoc -I src --python_out=src --pyi_out=src --grpc_python_out=src src/fastgen_compile/serving/proto/fastgen.proto

@@ -25,17 +25,20 @@ _EXPORTS = {
     "Pipeline": "fastgen_compile.entrypoints.llm",
     "pipeline": "fastgen_compile.entrypoints.llm",
     "AsyncLLM": "fastgen_compile.entrypoints.async_llm",
+    "ServerError": "fastgen_compile.errors",
+    "client": "fastgen_compile.grpc_client",
 }
 __all__ = [  # noqa: F822 - resolved by __getattr__
     "LLM", "AsyncLLM", "ConfigError", "EngineConfig", "EngineDied", "FastGenError", "ModelLoadError",
-    "Pipeline", "RequestError", "RequestOutput", "SamplingParams", "pipeline",
+    "Pipeline", "RequestError", "RequestOutput", "SamplingParams", "ServerError", "client", "pipeline",
 ]
 
 if TYPE_CHECKING:
     from fastgen_compile.config import EngineConfig
     from fastgen_compile.entrypoints.async_llm import AsyncLLM
     from fastgen_compile.entrypoints.llm import LLM, Pipeline, pipeline
-    from fastgen_compile.errors import ConfigError, EngineDied, FastGenError, ModelLoadError, RequestError
+    from fastgen_compile.errors import ConfigError, EngineDied, FastGenError, ModelLoadError, RequestError, ServerError
+    from fastgen_compile.grpc_client import client
     from fastgen_compile.request import RequestOutput, SamplingParams
 
 

@@ -27,3 +27,11 @@ class RecompileError(RuntimeError):
 
 class EngineDied(RuntimeError):
     """The engine loop hit an error or was closed; pending requests cannot complete."""
+
+
+class ServerError(RuntimeError):
+    """A server refused or failed a call (gRPC status code name, and its message)."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(f"{code}: {message}")
+        self.code = code

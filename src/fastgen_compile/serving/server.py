@@ -115,7 +115,7 @@ async def serve(args: argparse.Namespace) -> int:
     state.texts = TokenTexts(llm.tokenizer)
     state.service = service = Service(llm, state.model_name, args.max_waiting)
     if grpc is not None:
-        grpc.set_serving(True)
+        await grpc.set_serving(True)
     http_address = f"http://{_shown(args.host)}:{sock.getsockname()[1]}"
     grpc_address = f", gRPC at {_shown(args.host)}:{grpc.port}" if grpc is not None else ""
     cfg = llm.engine.config
@@ -127,7 +127,7 @@ async def serve(args: argparse.Namespace) -> int:
     if stop.done():
         service.draining = True
         if grpc is not None:
-            grpc.set_serving(False)
+            await grpc.set_serving(False)
         print(f"draining: {service.in_flight} requests in flight, new ones get 503 (a second signal stops at once)", file=sys.stderr, flush=True)
         deadline = time.monotonic() + args.grace
         while service.in_flight and time.monotonic() < deadline and signals.empty():
