@@ -12,7 +12,8 @@ import fastgen_compile
 
 PACKAGE = Path(fastgen_compile.__file__).parent
 # the bookkeeping side: plain Python, importable (and unit-testable) without torch
-TORCH_FREE = ["request", "errors", "artifacts", "corpus", "engine.scheduler", "engine.pages", "engine.sequence", "engine.detokenizer"]
+TORCH_FREE = ["request", "errors", "artifacts", "corpus", "engine.scheduler", "engine.pages", "engine.sequence", "engine.detokenizer",
+              "grpc_client"]  # the gRPC client, for processes that only call a server
 
 NO_TORCH = """
 import importlib, pickle, sys

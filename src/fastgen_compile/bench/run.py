@@ -22,11 +22,11 @@ from fastgen_compile import __version__
 from fastgen_compile.bench import report
 from fastgen_compile.bench.clients import closed_loop, poisson
 from fastgen_compile.bench.metrics import SLA, summarize
-from fastgen_compile.bench.systems import FastgenSystem, TransformersSystem, missing_engines, transformers_source
+from fastgen_compile.bench.systems import FastgenSystem, ServerSystem, TransformersSystem, missing_engines, transformers_source
 from fastgen_compile.bench.workload import Request, chat_workload
 from fastgen_compile.config import add_engine_flags, engine_overrides
 
-SYSTEMS = ("splitfuse", "prefill_first", "transformers")
+SYSTEMS = ("splitfuse", "prefill_first", "transformers", "server")
 # (prompt mean, generation mean) of the paper's workloads; the defaults fit this 2-core CPU
 PAPER_WORKLOADS = "1200/60, 1200/128, 2600/60, 2600/128"
 QUICK = {"requests": 6, "prompt_mean": 256, "gen_mean": 24, "clients": [1, 3]}
@@ -36,7 +36,9 @@ console = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty(
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS))
+    p.add_argument("--systems", nargs="+", choices=SYSTEMS, help="default: all but server; with --server: server and splitfuse")
+    p.add_argument("--server", metavar="URL", help="also measure a running `fastgen-compile serve` at URL through its OpenAI streaming API")
+    p.add_argument("--api-key", default=os.environ.get("FASTGEN_API_KEY"), help="the server's key, if it has one")
     p.add_argument("--requests", type=int, default=12, help="requests per load point")
     p.add_argument("--prompt-mean", type=int, default=1200, help=f"prompt tokens, normal with std 0.3 x mean (paper: {PAPER_WORKLOADS})")
     p.add_argument("--gen-mean", type=int, default=60, help="generated tokens, normal with std 0.3 x mean")
@@ -54,6 +56,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def build(name: str, args: argparse.Namespace):
     if name == "transformers":
         return TransformersSystem(args.model, args.dtype)
+    if name == "server":
+        return ServerSystem(args.server, args.api_key)
     return FastgenSystem(**{**engine_overrides(args), "policy": name})
 
 
@@ -74,6 +78,11 @@ def main(args: argparse.Namespace) -> int:
     if args.quick:
         for k, v in QUICK.items():
             setattr(args, k, v)
+    if args.systems is None:
+        args.systems = ["server", "splitfuse"] if args.server else [s for s in SYSTEMS if s != "server"]
+    if "server" in args.systems and not args.server:
+        console.print("error: the server system needs --server URL")
+        return 2
     sla = SLA(tuple(args.prompt_rates), tuple(args.gen_rates))
     from transformers import AutoTokenizer
 

@@ -2,12 +2,14 @@
 
 fastgen-compile (SplitFuse, or prefill-first: the paper's comparison, same engine otherwise)
 and transformers' continuous batching (`ContinuousBatchingManager`, streaming) as the outside
-baseline. All run greedy with eos ignored, so every system generates the same token counts.
+baseline; a running server through its OpenAI streaming API, against the same engine in-process.
+All run greedy with eos ignored, so every system generates the same token counts.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import queue
 import threading
@@ -49,6 +51,43 @@ class FastgenSystem:
 
     def close(self) -> None:
         self.llm.close()
+
+
+class ServerSystem:
+    """A running `fastgen-compile serve` (or any OpenAI-compatible server) through its streaming
+    completions API: what a remote client sees, HTTP and SSE included."""
+
+    name = "fastgen server"
+
+    def __init__(self, url: str, api_key: str | None = None):
+        import httpx
+
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=600, limits=httpx.Limits(max_connections=256))
+        self.model = self.http.get("/v1/models").raise_for_status().json()["data"][0]["id"]
+
+    def stream(self, request: Request) -> Iterator[int]:
+        """A chunk per engine output, nearly always one token; the usage chunk settles the count."""
+        body = {"model": self.model, "prompt": request.prompt_token_ids, "max_tokens": request.max_new_tokens, "temperature": 0,
+                "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+        seen = 0
+        with self.http.stream("POST", "/v1/completions", json=body) as r:
+            if r.status_code != 200:
+                raise RuntimeError(f"HTTP {r.status_code}: {r.read().decode()}")
+            for line in r.iter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                event = json.loads(line[6:])
+                if "error" in event:
+                    raise RuntimeError(event["error"]["message"])
+                if event["choices"]:
+                    seen += 1
+                    yield 1
+                elif (missing := event["usage"]["completion_tokens"] - seen) > 0:
+                    yield missing
+
+    def close(self) -> None:
+        self.http.close()
 
 
 class TransformersSystem:
