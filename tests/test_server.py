@@ -277,4 +277,5 @@ def test_load_64_streaming_clients_a_third_leaving(server, http):
         if i not in leavers:
             assert reason in ("stop", "length"), (i, reason)
     assert not any(wait_for_zero_load(http).values())
+    assert metric(http, "fastgen_recompiles_total") == 0  # every step of this module ran in a warm graph
     assert http.post("/v1/completions", json={"prompt": "Still there?", "max_tokens": 2, "ignore_eos": True}).json()["usage"]["completion_tokens"] == 2

@@ -28,7 +28,7 @@ class Metrics:
         }
         for name, (doc, read) in snapshot_gauges.items():
             Gauge(f"fastgen_{name}", doc, registry=r).set_function(read)
-        r.register(_Preemptions(engine))
+        r.register(_EngineCounters(engine))
         self.prompt_tokens = Counter("fastgen_prompt_tokens", "prompt tokens of the requests that started generating", registry=r)
         self.generation_tokens = Counter("fastgen_generation_tokens", "tokens generated", registry=r)
         self.requests_finished = Counter("fastgen_requests_finished", "requests ended, by finish reason", ["finish_reason"], registry=r)
@@ -48,9 +48,11 @@ class Metrics:
         return generate_latest(self.registry)
 
 
-class _Preemptions(Collector):
+class _EngineCounters(Collector):
     def __init__(self, engine: Engine):
         self.engine = engine
 
     def collect(self):
         yield CounterMetricFamily("fastgen_preemptions", "sequences preempted for KV pages (recomputed later)", value=self.engine.scheduler.num_preemptions)
+        # a graph compiled after warmup: a shape or guard changed in the hot path, a bug to report
+        yield CounterMetricFamily("fastgen_recompiles", "graphs compiled after warmup", value=self.engine.compiler.recompiles_since_warmup())
