@@ -275,7 +275,7 @@ def test_a_failing_engine_loop_fails_every_caller_instead_of_hanging(tiny_folder
     """An error inside a step reaches the waiting caller, and later submissions fail at once."""
     llm = LLM(model=str(tiny_folder), **LLM_KW)
 
-    def broken_forward(batch):
+    def broken_forward(batch, rows=None):
         raise RuntimeError("simulated kernel failure")
 
     monkeypatch.setattr(llm.engine.runner, "forward", broken_forward)

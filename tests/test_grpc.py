@@ -3,6 +3,7 @@ unary, streaming, abort by request id, a cancelled call, bad values, and grpc.he
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 
@@ -66,6 +67,36 @@ def test_abort_by_request_id(rpc, server):
     assert r.finish_reason == "abort" and r.generated_length < 1500
     assert not rpc.abort("long-story")  # no longer running
     assert wait_for_free_pages(server) == 0
+
+
+def test_abort_before_any_output(rpc, server):
+    """An Abort that comes before the call's sequences have produced anything still ends them all."""
+    result: list = []
+    thread = threading.Thread(target=lambda: result.extend(rpc.generate(["Once upon a time", "Long ago"], request_id="early",
+                                                                        max_new_tokens=500, ignore_eos=True, timeout=120)))
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not rpc.abort("early") and time.monotonic() < deadline:
+        pass  # until the call is running
+    thread.join(120)
+    assert [r.finish_reason for r in result] == ["abort", "abort"] and all(r.generated_length < 500 for r in result)
+    assert wait_for_free_pages(server) == 0
+
+
+def test_a_taken_port_is_an_error():
+    """No SO_REUSEPORT: a second server on the port fails instead of silently sharing its connections."""
+    from fastgen_compile.serving.grpc_server import GrpcServer
+
+    async def bind_twice() -> None:
+        first = GrpcServer(lambda: None, "127.0.0.1", 0)
+        await first.start()
+        try:
+            with pytest.raises(OSError, match="cannot bind"):
+                GrpcServer(lambda: None, "127.0.0.1", first.port)
+        finally:
+            await first.stop(0)
+
+    asyncio.run(bind_twice())
 
 
 def test_a_cancelled_call_is_aborted(rpc, server):

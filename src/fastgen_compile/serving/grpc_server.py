@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import uuid
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -37,10 +38,19 @@ def generation(index: int, out: RequestOutput, delta: bool) -> pb.Generation:
                          finish_reason=out.finish_reason or "", prompt_length=len(out.prompt_token_ids), generated_length=len(out.token_ids))
 
 
+@dataclass
+class Call:
+    """A running Generate/GenerateStream. The engine's request ids show up with their first outputs,
+    so an Abort that comes earlier is remembered and applied to each id as it appears."""
+
+    ids: set[int] = field(default_factory=set)
+    aborted: bool = False
+
+
 class TextGeneration(pb_grpc.TextGenerationServicer):
     def __init__(self, get_service: Callable[[], Service | None]):
         self.get_service = get_service
-        self.running: dict[str, list[int]] = {}  # request id of a call -> its engine request ids
+        self.running: dict[str, Call] = {}  # by the call's request_id
 
     async def _outputs(self, request: pb.GenerateRequest, call_id: str, context: grpc.aio.ServicerContext) -> AsyncIterator[tuple[int, RequestOutput]]:
         service = self.get_service()
@@ -55,13 +65,14 @@ class TextGeneration(pb_grpc.TextGenerationServicer):
             outputs = service.generate(list(request.prompts), [params] * len(request.prompts))
         except tuple(STATUS_OF) as e:
             await context.abort(next(code for kind, code in STATUS_OF.items() if isinstance(e, kind)), str(e))
-        self.running[call_id] = []
+        call = self.running[call_id] = Call()
         try:
             async with contextlib.aclosing(outputs):
                 async for i, out in outputs:
-                    ids = self.running[call_id]
-                    if len(ids) < len(request.prompts) and out.request_id not in ids:
-                        ids.append(out.request_id)
+                    if out.request_id not in call.ids:
+                        call.ids.add(out.request_id)
+                        if call.aborted:
+                            service.llm.abort(out.request_id)
                     yield i, out
         except EngineDied as e:
             await context.abort(grpc.StatusCode.INTERNAL, str(e))
@@ -70,21 +81,24 @@ class TextGeneration(pb_grpc.TextGenerationServicer):
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateReply:  # noqa: N802 - gRPC's names
         call_id, final = request.request_id or uuid.uuid4().hex, {}
-        async for i, out in self._outputs(request, call_id, context):
-            final[i] = out
+        async with contextlib.aclosing(self._outputs(request, call_id, context)) as outputs:
+            async for i, out in outputs:
+                final[i] = out
         return pb.GenerateReply(request_id=call_id, generations=[generation(i, final[i], delta=False) for i in sorted(final)])
 
     async def GenerateStream(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateReply]:  # noqa: N802
         call_id = request.request_id or uuid.uuid4().hex
-        async for i, out in self._outputs(request, call_id, context):
-            yield pb.GenerateReply(request_id=call_id, generations=[generation(i, out, delta=True)])
+        # closed here, not when collected, if the call is cancelled while a reply is being sent
+        async with contextlib.aclosing(self._outputs(request, call_id, context)) as outputs:
+            async for i, out in outputs:
+                yield pb.GenerateReply(request_id=call_id, generations=[generation(i, out, delta=True)])
 
     async def Abort(self, request: pb.AbortRequest, context: grpc.aio.ServicerContext) -> pb.AbortReply:  # noqa: N802
-        ids = self.running.get(request.request_id)
-        service = self.get_service()
-        if ids is None or service is None:
+        call, service = self.running.get(request.request_id), self.get_service()
+        if call is None or service is None:
             return pb.AbortReply(aborted=False)
-        for rid in ids:
+        call.aborted = True
+        for rid in call.ids:  # finished ones are no-ops
             service.llm.abort(rid)
         return pb.AbortReply(aborted=True)
 
@@ -92,7 +106,8 @@ class TextGeneration(pb_grpc.TextGenerationServicer):
 class GrpcServer:
     def __init__(self, get_service: Callable[[], Service | None], host: str, port: int):
         """Call inside the running event loop; binds now (OSError if the port cannot be had)."""
-        self.server = grpc.aio.server()
+        # no SO_REUSEPORT (grpc's default): a second server on a taken port must fail, not split its connections
+        self.server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         self.servicer = TextGeneration(get_service)
         pb_grpc.add_TextGenerationServicer_to_server(self.servicer, self.server)
         self.health = HealthServicer()
@@ -100,10 +115,10 @@ class GrpcServer:
         address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         try:
             self.port = self.server.add_insecure_port(address)
-        except RuntimeError as e:  # grpc's way of saying the address is taken or bad
-            raise OSError(str(e)) from None
+        except RuntimeError:  # grpc's way of saying the address is taken or bad
+            self.port = 0
         if not self.port:
-            raise OSError(f"cannot bind {address}")
+            raise OSError(f"cannot bind {address}: in use, or not an address of this machine")
 
     async def start(self) -> None:
         await self.server.start()
