@@ -204,7 +204,7 @@ def build_app(state: ServerState) -> FastAPI:
     async def health() -> Response:
         s = state.service
         status = "starting" if s is None else "draining" if s.draining else "ok" if s.llm.loop.alive else "dead"
-        return JSONResponse({"status": state.failed and "failed" or status}, status_code=200 if status == "ok" else 503)
+        return JSONResponse({"status": status}, status_code=200 if status == "ok" else 503)
 
     @app.get("/version")
     async def version() -> dict:
