@@ -24,6 +24,7 @@ from fastgen_compile import LLM, SamplingParams
 from fastgen_compile.bench.systems import transformers_source
 from fastgen_compile.bench.workload import prompts_of_lengths
 from fastgen_compile.config import add_engine_flags, engine_overrides
+from fastgen_compile.hardware import resolve_dtype
 
 
 def run_fastgen(prompts: list[list[int]], new_tokens: int, args) -> dict:
@@ -53,7 +54,7 @@ def run_transformers(prompts: list[list[int]], new_tokens: int, args) -> dict:
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     folder, kwargs = transformers_source(args.model)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, args.dtype), **kwargs).eval()
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, resolve_dtype(args.dtype, args.device)), **kwargs).eval()
     config = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, eos_token_id=model.config.eos_token_id,
                               pad_token_id=model.config.eos_token_id)
     with torch.inference_mode():
@@ -94,7 +95,8 @@ def main() -> None:
     results = {name: r | {"all_seconds": [run["seconds"] for run in runs[name]]} for name, r in median.items()}
     prompt_tokens = sum(lengths)
     base = results.get("transformers CB")
-    workload = f"{args.requests} requests, prompts {args.min_prompt}..{args.max_prompt} tokens, {args.new_tokens} new, {args.dtype}, greedy"
+    dtype = resolve_dtype(args.dtype, args.device)
+    workload = f"{args.requests} requests, prompts {args.min_prompt}..{args.max_prompt} tokens, {args.new_tokens} new, {dtype}, greedy"
     table = Table(title=workload + (f", median of {args.repeat} alternating runs" if args.repeat > 1 else ""))
     for col in ("system", "seconds", "requests/s", "output tok/s", "total tok/s", "x transformers"):
         table.add_column(col, justify="right")

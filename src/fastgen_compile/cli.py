@@ -93,7 +93,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     with open_llm(args) as llm:
         cfg, name = llm.engine.config, escape(llm.engine.model_name)
-        err.print(f"loaded [bold]{name}[/] ({cfg.dtype}, {cfg.device}), buckets {cfg.buckets}, ready in {time.perf_counter() - t0:.1f} s")
+        err.print(f"loaded [bold]{name}[/] ({cfg.dtype}: {escape(cfg.dtype_reason)}; {cfg.device}), buckets {cfg.buckets}, "
+                  f"ready in {time.perf_counter() - t0:.1f} s")
 
         err.rule("one request, streamed")
         out.print(f"[bold]> {DEMO_QUESTION}[/]")
@@ -137,6 +138,7 @@ def cmd_warmup(args: argparse.Namespace) -> int:
         table.add_row(str(w.bucket), f"{w.seconds:.1f}", w.cache)
     out.print(table)
     cache = engine.compiler.graph_cache
+    out.print(f"dtype {engine.config.dtype}: {escape(engine.config.dtype_reason)}")
     out.print(f"graphs in {escape(str(cache.folder))}; ready in {seconds:.1f} s" if cache else f"ready in {seconds:.1f} s")
     return 0
 

@@ -10,6 +10,7 @@ import torch
 
 from fastgen_compile.engine.scheduler import POLICIES
 from fastgen_compile.errors import ConfigError
+from fastgen_compile.hardware import auto_dtype
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -23,7 +24,7 @@ def knob(default, help: str, **flag):
 @dataclass
 class EngineConfig:
     model: str | None = knob(None, "HF folder (config.json + *.safetensors) or .gguf file; default: the embedded SmolLM2-135M-Instruct")
-    dtype: str = knob("bfloat16", "weight dtype", choices=sorted(DTYPES))
+    dtype: str = knob("auto", "compute (weight) dtype; auto: what this hardware does well (hardware.auto_dtype)", choices=["auto", *sorted(DTYPES)])
     device: str = knob("cpu", "torch device, e.g. cuda")
     # every bucket starts with `decode_rows` rows for decode tokens (buckets below it hold only
     # those: quick steps for a few decodes); the rest take prompt chunks
@@ -47,8 +48,11 @@ class EngineConfig:
                                         "default: $FASTGEN_GRAPHS_DIR, the checkout's graphs/, or ~/.cache/fastgen-compile/graphs")
     graph_cache: bool = knob(True, "load and save persisted graphs")
     strict_recompiles: bool = False  # a recompile after warmup raises RecompileError (tests) instead of a warning
+    dtype_reason: str = field(default="as asked", compare=False)  # why dtype is what it is (set when it was "auto")
 
     def __post_init__(self) -> None:
+        if self.dtype == "auto":
+            self.dtype, self.dtype_reason = auto_dtype(self.device)
         for name in ("dtype", "kv_dtype"):
             value = getattr(self, name)
             if value not in DTYPES and (name == "dtype" or value is not None):

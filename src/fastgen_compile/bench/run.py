@@ -25,6 +25,7 @@ from fastgen_compile.bench.metrics import SLA, summarize
 from fastgen_compile.bench.systems import FastgenSystem, ServerSystem, TransformersSystem, missing_engines, transformers_source
 from fastgen_compile.bench.workload import Request, chat_workload
 from fastgen_compile.config import add_engine_flags, engine_overrides
+from fastgen_compile.hardware import resolve_dtype
 
 SYSTEMS = ("splitfuse", "prefill_first", "transformers", "server")
 # (prompt mean, generation mean) of the paper's workloads; the defaults fit this 2-core CPU
@@ -55,7 +56,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def build(name: str, args: argparse.Namespace):
     if name == "transformers":
-        return TransformersSystem(args.model, args.dtype)
+        return TransformersSystem(args.model, resolve_dtype(args.dtype, args.device))
     if name == "server":
         return ServerSystem(args.server, args.api_key)
     return FastgenSystem(**{**engine_overrides(args), "policy": name})

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from fastgen_compile.artifacts import FORMAT, key, open_trusted, version, write_manifest
+from fastgen_compile.hardware import cpu_flags
 
 
 def device_capability(device: torch.device) -> str:
@@ -29,11 +30,7 @@ def device_capability(device: torch.device) -> str:
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
         return f"{torch.cuda.get_device_name(device)} sm_{major}{minor}"
-    flags = ""
-    with contextlib.suppress(OSError):
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        flags = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("flags")), "")
-    isa = hashlib.sha256(" ".join(sorted(flags.split())).encode()).hexdigest()[:12]
+    isa = hashlib.sha256(" ".join(sorted(cpu_flags())).encode()).hexdigest()[:12]
     return f"{platform.machine()} {torch.backends.cpu.get_cpu_capability()} flags:{isa}"
 
 
