@@ -15,7 +15,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -133,7 +133,6 @@ class ServerProcess:
     api_key: str | None
     ready_line: str
     stderr_path: str
-    engine_config: dict = field(default_factory=lambda: dict(ENGINE_CONFIG))
 
     def stderr(self) -> str:
         with open(self.stderr_path) as f:

@@ -299,5 +299,6 @@ class Engine:
             finished=seq.status is Status.FINISHED,
             finish_reason=seq.finish_reason,
             logprobs=list(seq.logprobs) if seq.params.logprobs is not None else None,
-            prompt_logprobs=list(seq.prompt_logprobs) if seq.params.prompt_logprobs is not None else None,
+            # complete (and no longer written) from the first sampled token on: no copy per token
+            prompt_logprobs=seq.prompt_logprobs if seq.params.prompt_logprobs is not None else None,
         )

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from collections.abc import Sequence as Seq
+from dataclasses import dataclass
 
 from fastgen_compile.config import EngineConfig
 from fastgen_compile.engine.engine import Engine, Prompt
@@ -34,8 +35,7 @@ class AsyncLLM:
         here, before anything is iterated (a server can still answer 400)."""
         return _outputs_only(self.generate_many([prompt], sampling_params))
 
-    def generate_many(self, prompts: Seq[Prompt], sampling_params: SamplingParams | Seq[SamplingParams] | None = None
-                      ) -> AsyncIterator[tuple[int, RequestOutput]]:
+    def generate_many(self, prompts: Seq[Prompt], sampling_params: SamplingParams | Seq[SamplingParams] | None = None) -> RequestStreams:
         """Every prompt at once (all valid, or none runs, RequestError raised here); then (prompt
         index, output) as each arrives. Closing it or leaving early aborts what did not finish."""
         event_loop, queue = asyncio.get_running_loop(), asyncio.Queue()
@@ -47,15 +47,11 @@ class AsyncLLM:
             return sink
 
         ids = self.loop.submit(list(prompts), sampling_params, [sink_of(i) for i in range(len(prompts))])
-        return self._follow(ids, queue)
+        return RequestStreams(ids, self._follow(ids, queue))
 
     async def generate(self, prompts: Seq[Prompt], sampling_params: SamplingParams | Seq[SamplingParams] | None = None) -> list[RequestOutput]:
         """Every prompt at once (all valid, or none runs); the final outputs, in prompt order."""
-        final: list[RequestOutput | None] = [None] * len(prompts)
-        async with contextlib.aclosing(self.generate_many(prompts, sampling_params)) as outputs:
-            async for i, out in outputs:
-                final[i] = out
-        return final
+        return await self.generate_many(prompts, sampling_params).finals()
 
     def abort(self, request_id: int) -> None:
         """Stop a request from anywhere; its follower gets a last output with finish_reason "abort"."""
@@ -82,7 +78,33 @@ class AsyncLLM:
             self.loop.close()
 
 
-async def _outputs_only(outputs: AsyncIterator[tuple[int, RequestOutput]]) -> AsyncIterator[RequestOutput]:
+@dataclass
+class RequestStreams:
+    """The outputs of requests submitted together, as (prompt index, output), and their engine ids
+    (for AsyncLLM.abort). Closing it aborts those not finished."""
+
+    request_ids: list[int]
+    outputs: AsyncIterator[tuple[int, RequestOutput]]
+
+    def __aiter__(self) -> RequestStreams:
+        return self
+
+    async def __anext__(self) -> tuple[int, RequestOutput]:
+        return await self.outputs.__anext__()
+
+    async def aclose(self) -> None:
+        await self.outputs.aclose()
+
+    async def finals(self) -> list[RequestOutput]:
+        """Each request's last output, in prompt order; leaving early (cancelled) aborts the rest."""
+        last: list[RequestOutput] = [None] * len(self.request_ids)  # type: ignore[list-item] - every index gets its last
+        async with contextlib.aclosing(self):
+            async for i, out in self:
+                last[i] = out
+        return last
+
+
+async def _outputs_only(outputs: RequestStreams) -> AsyncIterator[RequestOutput]:
     async with contextlib.aclosing(outputs):
         async for _, out in outputs:
             yield out

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -38,19 +37,10 @@ def generation(index: int, out: RequestOutput, delta: bool) -> pb.Generation:
                          finish_reason=out.finish_reason or "", prompt_length=len(out.prompt_token_ids), generated_length=len(out.token_ids))
 
 
-@dataclass
-class Call:
-    """A running Generate/GenerateStream. The engine's request ids show up with their first outputs,
-    so an Abort that comes earlier is remembered and applied to each id as it appears."""
-
-    ids: set[int] = field(default_factory=set)
-    aborted: bool = False
-
-
 class TextGeneration(pb_grpc.TextGenerationServicer):
     def __init__(self, get_service: Callable[[], Service | None]):
         self.get_service = get_service
-        self.running: dict[str, Call] = {}  # by the call's request_id
+        self.running: dict[str, list[int]] = {}  # a running call's request_id -> its engine request ids
 
     async def _outputs(self, request: pb.GenerateRequest, call_id: str, context: grpc.aio.ServicerContext) -> AsyncIterator[tuple[int, RequestOutput]]:
         service = self.get_service()
@@ -65,14 +55,10 @@ class TextGeneration(pb_grpc.TextGenerationServicer):
             outputs = service.generate(list(request.prompts), [params] * len(request.prompts))
         except tuple(STATUS_OF) as e:
             await context.abort(next(code for kind, code in STATUS_OF.items() if isinstance(e, kind)), str(e))
-        call = self.running[call_id] = Call()
+        self.running[call_id] = outputs.request_ids
         try:
             async with contextlib.aclosing(outputs):
                 async for i, out in outputs:
-                    if out.request_id not in call.ids:
-                        call.ids.add(out.request_id)
-                        if call.aborted:
-                            service.llm.abort(out.request_id)
                     yield i, out
         except EngineDied as e:
             await context.abort(grpc.StatusCode.INTERNAL, str(e))
@@ -94,11 +80,10 @@ class TextGeneration(pb_grpc.TextGenerationServicer):
                 yield pb.GenerateReply(request_id=call_id, generations=[generation(i, out, delta=True)])
 
     async def Abort(self, request: pb.AbortRequest, context: grpc.aio.ServicerContext) -> pb.AbortReply:  # noqa: N802
-        call, service = self.running.get(request.request_id), self.get_service()
-        if call is None or service is None:
+        ids, service = self.running.get(request.request_id), self.get_service()
+        if ids is None or service is None:
             return pb.AbortReply(aborted=False)
-        call.aborted = True
-        for rid in call.ids:  # finished ones are no-ops
+        for rid in ids:  # finished ones are no-ops
             service.llm.abort(rid)
         return pb.AbortReply(aborted=True)
 

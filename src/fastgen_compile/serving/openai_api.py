@@ -21,14 +21,14 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from fastgen_compile import __version__
+from fastgen_compile.entrypoints.async_llm import RequestStreams
 from fastgen_compile.errors import EngineDied, RequestError
 from fastgen_compile.request import RequestOutput
 from fastgen_compile.serving.protocol import ChatRequest, CompletionRequest, DetokenizeRequest, ErrorType, Sampling, TokenizeRequest
-from fastgen_compile.serving.responses import Reply, TokenTexts, new_logprobs, usage
+from fastgen_compile.serving.responses import Reply, new_logprobs, usage
 from fastgen_compile.serving.service import Draining, Overloaded, Service
 
 M = TypeVar("M", bound=BaseModel)
-Outputs = AsyncIterator[tuple[int, RequestOutput]]
 
 
 @dataclass
@@ -39,8 +39,6 @@ class ServerState:
     api_key: str | None = None
     max_body_bytes: int = 8 * 1024 * 1024
     service: Service | None = None
-    texts: TokenTexts | None = None
-    failed: str | None = None  # why the engine could not start
 
 
 class ApiError(Exception):
@@ -58,7 +56,7 @@ def error_response(e: ApiError) -> JSONResponse:
 def unavailable(state: ServerState) -> ApiError | None:
     """Why /v1/* cannot be served now, if it cannot."""
     if state.service is None:
-        return ApiError(503, state.failed or "the model is still loading", "server_error")
+        return ApiError(503, "the model is still loading", "server_error")
     if state.service.draining:
         return ApiError(503, "the server is shutting down", "server_error")
     if not state.service.llm.loop.alive:
@@ -136,14 +134,6 @@ async def unless_disconnected(request: Request, work: Awaitable) -> object:
     return None
 
 
-async def finals(outputs: Outputs, count: int) -> list[RequestOutput]:
-    last: list[RequestOutput] = [None] * count  # type: ignore[list-item]
-    async with contextlib.aclosing(outputs):
-        async for i, out in outputs:
-            last[i] = out
-    return last
-
-
 def sse(events: AsyncIterator[dict]) -> StreamingResponse:
     """Server-sent events, one line of JSON each, then [DONE]; an engine failure mid-stream becomes an error event."""
 
@@ -171,7 +161,7 @@ def build_app(state: ServerState) -> FastAPI:
         if name is not None and name != state.model_name:
             raise ApiError(404, f"the model `{name}` does not exist; this server serves `{state.model_name}`", "not_found_error", "model", "model_not_found")
 
-    def start(prompts: list[str | list[int]], body: Sampling, params) -> Outputs:
+    def start(prompts: list[str | list[int]], body: Sampling, params) -> RequestStreams:
         """Submit every choice of every prompt: choice k is prompt k // n."""
         return service().generate([p for p in prompts for _ in range(body.n)], params)
 
@@ -261,7 +251,7 @@ def build_app(state: ServerState) -> FastAPI:
         top = body.logprobs
         params = [body.params(body.max_tokens, k, top, top if body.echo else None) for _ in prompts for k in range(body.n)]
         outputs = start(prompts, body, params)
-        reply = Reply(state.model_name, state.texts, "text_completion")
+        reply = Reply(state.model_name, service().texts, "text_completion")
         tokenizer = service().engine.tokenizer
 
         def echoed(out: RequestOutput) -> tuple[str, dict | None]:
@@ -277,7 +267,7 @@ def build_app(state: ServerState) -> FastAPI:
             return {k: a[k] + ([o + shift for o in b[k]] if k == "text_offset" else b[k]) for k in a}
 
         if not body.stream:
-            last = await unless_disconnected(request, finals(outputs, len(params)))
+            last = await unless_disconnected(request, outputs.finals())
             if last is None:
                 return Response(status_code=499)
             choices = []
@@ -319,11 +309,11 @@ def build_app(state: ServerState) -> FastAPI:
         max_tokens = body.max_completion_tokens or body.max_tokens or max(room, 1)
         params = [body.params(max_tokens, k, body.token_logprobs) for k in range(body.n)]
         outputs = start([prompt], body, params)
-        reply = Reply(state.model_name, state.texts, "chat.completion")
+        reply = Reply(state.model_name, service().texts, "chat.completion")
         wants_logprobs = body.token_logprobs is not None
 
         if not body.stream:
-            last = await unless_disconnected(request, finals(outputs, len(params)))
+            last = await unless_disconnected(request, outputs.finals())
             if last is None:
                 return Response(status_code=499)
             choices = [{"index": k, "message": {"role": "assistant", "content": out.text},

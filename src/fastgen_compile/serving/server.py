@@ -23,7 +23,6 @@ import uvicorn
 from fastgen_compile.config import add_engine_flags, engine_overrides
 from fastgen_compile.entrypoints.async_llm import AsyncLLM
 from fastgen_compile.serving.openai_api import ServerState, build_app
-from fastgen_compile.serving.responses import TokenTexts
 from fastgen_compile.serving.service import Service
 
 API_KEY_ENV = "FASTGEN_API_KEY"
@@ -108,12 +107,10 @@ async def serve(args: argparse.Namespace) -> int:
     try:
         llm = await asyncio.to_thread(AsyncLLM, **engine_overrides(args))
     except Exception as e:  # noqa: BLE001 - any reason the model cannot load ends the server with one line
-        state.failed = f"the model could not be loaded: {e}"
         await stop_servers()
-        return fail(state.failed)
+        return fail(f"the model could not be loaded: {e}")
     state.model_name = state.model_name or llm.engine.model_name
-    state.texts = TokenTexts(llm.tokenizer)
-    state.service = service = Service(llm, state.model_name, args.max_waiting)
+    state.service = service = Service(llm, args.max_waiting)
     if grpc is not None:
         await grpc.set_serving(True)
     http_address = f"http://{_shown(args.host)}:{sock.getsockname()[1]}"

@@ -9,10 +9,11 @@ from collections.abc import AsyncIterator
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 
-from fastgen_compile.engine.engine import Prompt
-from fastgen_compile.entrypoints.async_llm import AsyncLLM
+from fastgen_compile.engine.engine import Engine, Prompt
+from fastgen_compile.entrypoints.async_llm import AsyncLLM, RequestStreams
 from fastgen_compile.request import RequestOutput, SamplingParams
 from fastgen_compile.serving.metrics import Metrics
+from fastgen_compile.serving.responses import TokenTexts
 
 
 class Overloaded(Exception):
@@ -26,22 +27,19 @@ class Draining(Exception):
 @dataclass
 class Service:
     llm: AsyncLLM
-    model_name: str  # the name clients use (--served-model-name)
     max_waiting: int  # requests queued for admission, at most
     metrics: Metrics = field(init=False)
+    texts: TokenTexts = field(init=False)  # token ids as text, for logprobs
     draining: bool = False
     in_flight: int = 0  # streams open now
 
     def __post_init__(self) -> None:
         self.metrics = Metrics(self.llm.engine)
+        self.texts = TokenTexts(self.llm.tokenizer)
 
     @property
-    def engine(self):
+    def engine(self) -> Engine:
         return self.llm.engine
-
-    @property
-    def healthy(self) -> bool:
-        return self.llm.loop.alive and not self.draining
 
     def admit(self, num_requests: int) -> None:
         if self.draining:
@@ -50,14 +48,15 @@ class Service:
         if waiting + num_requests > self.max_waiting:
             raise Overloaded(f"{waiting} requests are waiting (at most {self.max_waiting}); try again later")
 
-    def generate(self, prompts: Seq[Prompt], params: Seq[SamplingParams]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    def generate(self, prompts: Seq[Prompt], params: Seq[SamplingParams]) -> RequestStreams:
         """Admit and submit all now (Overloaded, Draining, RequestError: none runs, before any
         response starts); then (index, output) as they come. Leaving early (a disconnect, a
         cancelled call) aborts what did not finish."""
         self.admit(len(prompts))
-        return self._observe(self.llm.generate_many(prompts, list(params)), len(prompts))
+        streams = self.llm.generate_many(prompts, list(params))
+        return RequestStreams(streams.request_ids, self._observe(streams))
 
-    async def _observe(self, outputs: AsyncIterator[tuple[int, RequestOutput]], num_requests: int) -> AsyncIterator[tuple[int, RequestOutput]]:
+    async def _observe(self, outputs: RequestStreams) -> AsyncIterator[tuple[int, RequestOutput]]:
         arrival = time.perf_counter()
         last_token: dict[int, float] = {}
         finished: set[int] = set()
@@ -82,5 +81,5 @@ class Service:
                     yield i, out
         finally:
             self.in_flight -= 1
-            for _ in range(num_requests - len(finished)):
+            for _ in range(len(outputs.request_ids) - len(finished)):
                 m.requests_finished.labels("abort").inc()
