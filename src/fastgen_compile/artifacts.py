@@ -20,7 +20,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 ROOT_ENV = "FASTGEN_GRAPHS_DIR"
-FORMAT = 1  # bump when a folder layout or manifest changes: older folders become stale
+FORMAT = 2  # bump when a folder layout or manifest changes: older folders become stale
 MANIFEST = "manifest.json"
 
 

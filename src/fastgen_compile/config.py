@@ -11,6 +11,8 @@ import torch
 from fastgen_compile.engine.scheduler import POLICIES
 from fastgen_compile.errors import ConfigError
 from fastgen_compile.hardware import auto_dtype
+from fastgen_compile.models.linears import KERNELS
+from fastgen_compile.models.quantize import METHODS
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -40,7 +42,11 @@ class EngineConfig:
     kv_bytes: int | None = knob(None, "KV pool size in bytes, if kv_pages is not given", type=int)
     kv_memory_fraction: float = knob(0.1, "share of free memory for the KV pool, if neither kv_pages nor kv_bytes is given", type=float)
     policy: str = knob("splitfuse", "scheduling policy", choices=POLICIES)
-    pack_weights: bool = knob(True, "CPU bf16: linears use weights packed once for oneDNN (models/packed.py)")
+    quantization: str = knob("auto", "weight-only quantization of the linears and lm_head (CPU): int4 (groups of 32), int8 (per channel), "
+                                     "none; auto: as the checkpoint stores them (a Q4_1 GGUF: int4), else none",
+                             choices=["auto", "none", *METHODS])
+    linear_kernel: str = knob("auto", "how linears are computed; auto: the fastest measured per weight shape and bucket at warmup "
+                                      "(models/linears.py), else that kernel wherever it applies", choices=["auto", *KERNELS])
     decode_kernel: bool = knob(True, "CPU: decode rows attend through kernels/paged_decode.cpp, not FlexAttention")
     compile: bool = knob(True, "compile the model (off: run it eagerly, for debugging)")
     warmup: bool = knob(True, "compile every bucket at start (off: each on first use)")
@@ -70,8 +76,30 @@ class EngineConfig:
             raise ConfigError(f"the largest bucket must leave rows for prompts beyond decode_rows={self.decode_rows}")
         if self.policy not in POLICIES:
             raise ConfigError(f"unknown scheduling policy {self.policy!r}; choose one of {', '.join(POLICIES)}")
+        self._check_kernels()
         if self.page_size < 1 or self.max_seqs < 1:
             raise ConfigError("page_size and max_seqs must be >= 1")
+
+    def _check_kernels(self) -> None:
+        cpu = torch.device(self.device).type == "cpu"
+        if self.quantization not in ("auto", "none", *METHODS) or (self.quantization in METHODS and not cpu):
+            raise ConfigError(f"quantization must be auto, none, or one of {', '.join(METHODS)} on a CPU device, got {self.quantization!r} on {self.device}")
+        if self.linear_kernel != "auto":
+            kernel = KERNELS.get(self.linear_kernel)
+            if kernel is None:
+                raise ConfigError(f"linear_kernel must be auto or one of {', '.join(KERNELS)}, got {self.linear_kernel!r}")
+            if kernel.bits is not None and self.quantization not in ("auto", f"int{kernel.bits}"):
+                raise ConfigError(f"linear_kernel {self.linear_kernel} reads int{kernel.bits} weights: it needs quantization='int{kernel.bits}'")
+            if self.linear_kernel == "onednn" and not (cpu and self.dtype == "bfloat16"):
+                raise ConfigError("linear_kernel onednn runs bf16 on a CPU: it needs dtype='bfloat16' and a CPU device")
+            if kernel.bf16_activations and self.dtype == "bfloat16":
+                raise ConfigError(f"linear_kernel {self.linear_kernel} is for models computing in another dtype; with bfloat16 use {self.linear_kernel[:4]}")
+
+    def quantized_parts(self, stored_as: dict[str, str], device: torch.device) -> dict[str, str]:
+        """"layers" / "lm_head" -> how each is quantized for this engine (absent: dense)."""
+        if self.quantization == "auto":
+            return dict(stored_as) if device.type == "cpu" else {}
+        return {} if self.quantization == "none" else {"layers": self.quantization, "lm_head": self.quantization}
 
     @property
     def token_budget(self) -> int:

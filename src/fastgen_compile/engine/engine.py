@@ -33,6 +33,7 @@ from fastgen_compile.engine.scheduler import Scheduler, StepPlan
 from fastgen_compile.engine.sequence import Sequence, Status
 from fastgen_compile.errors import RequestError
 from fastgen_compile.models.loader import check_path, embedded_model_path, load
+from fastgen_compile.models.quantize import quantize_model
 from fastgen_compile.request import FinishReason, RequestOutput, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,8 @@ class Engine:
         path = check_path(c.model or embedded_model_path())
         root = Path(c.graphs_dir) if c.graphs_dir else default_root()
         loaded = load(path, c.torch_dtype, device, prepared_root=root if c.graph_cache else None)
+        self.quantization = c.quantized_parts(loaded.stored_as, device)
+        quantize_model(loaded.model, self.quantization.get("layers"), self.quantization.get("lm_head"))
         self.model, self.tokenizer, self.hf_config, self.model_name = loaded.model, loaded.tokenizer, loaded.hf_config, loaded.name
         args = self.model.args
         self.max_model_len = c.max_model_len or args.max_position_embeddings
@@ -85,7 +88,7 @@ class Engine:
         self.scheduler = Scheduler(self.pages, c.token_budget, c.max_seqs, c.policy, c.decode_rows)
         graph_cache = None
         if c.compile and c.graph_cache:
-            graph_cache = GraphCache.for_engine(root, self.model_name, file_identity(path), args, c, num_pages, decode_kernel)
+            graph_cache = GraphCache.for_engine(root, self.model_name, file_identity(path), args, c, num_pages, decode_kernel, self.quantization)
         self.compiler = Compiler(c.compile, device, graph_cache, c.strict_recompiles)
         self.runner = Runner(self.model, c, num_pages, self.max_model_len, self.compiler, decode_kernel)
         self.sampler = Sampler()

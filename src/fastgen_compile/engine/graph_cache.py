@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import platform
 import sys
@@ -23,6 +24,8 @@ import torch
 
 from fastgen_compile.artifacts import FORMAT, key, open_trusted, version, write_manifest
 from fastgen_compile.hardware import cpu_flags
+
+KERNEL_RECORD = "kernels.json"
 
 
 def device_capability(device: torch.device) -> str:
@@ -50,8 +53,10 @@ class GraphCache:
         self.loaded = open_trusted(self.folder, self.fields, "the compiled-graph cache")
 
     @classmethod
-    def for_engine(cls, root: Path, model_name: str, model_files: list, args, config, num_pages: int, decode_kernel: bool) -> GraphCache:
-        """decode_kernel: whether decode rows go to the CPU kernel (asked for, and it built)."""
+    def for_engine(cls, root: Path, model_name: str, model_files: list, args, config, num_pages: int, decode_kernel: bool,
+                   quantization: dict[str, str]) -> GraphCache:
+        """decode_kernel: whether decode rows go to the CPU kernel (asked for, and it built);
+        quantization: what the engine quantized (EngineConfig.quantized_parts)."""
         c = config
         fields = {
             "model": model_name,
@@ -65,7 +70,8 @@ class GraphCache:
             "decode_rows": c.decode_rows,
             "page_size": c.page_size,
             "q_block": c.q_block,
-            "pack_weights": c.pack_weights,
+            "quantization": quantization,
+            "linear_kernel": c.linear_kernel,
             "decode_kernel": decode_kernel,
             "kv_pages": num_pages,
             "torch": torch.__version__,
@@ -73,6 +79,16 @@ class GraphCache:
             "fastgen_compile": version("fastgen-compile"),
         }
         return cls(root, f"{model_name}-{c.dtype}-{fields['device']}", fields)
+
+    def kernel_record(self) -> dict | None:
+        """The linear kernels measured for this key (models/linears.py), if the folder is trusted and has them."""
+        path = self.folder / KERNEL_RECORD
+        return json.loads(path.read_text()) if self.loaded and path.is_file() else None
+
+    def save_kernel_record(self, record: dict) -> None:
+        """Written before the graphs; the manifest, written after them, covers it."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        (self.folder / KERNEL_RECORD).write_text(json.dumps(record, indent=1) + "\n")
 
     @contextlib.contextmanager
     def compiling(self) -> Iterator[None]:

@@ -5,6 +5,12 @@ its caller gave (a queue put, an event loop's call_soon_threadsafe).
 The thread is stopped and joined before the interpreter tears torch down: an engine left
 open at exit would otherwise still be inside torch while its native threads are destroyed
 (SIGABRT, "terminate called without an active exception").
+
+The engine is built (loaded, warmed up) on the loop's own thread, not the caller's: libgomp
+keeps an OpenMP thread pool per thread that ever ran a parallel region, and once two pools
+exist on this 2-core machine it counts the cores oversubscribed and puts its workers to sleep
+after every region, so a small decode step pays a wake-up per kernel. A thread warmed up on one
+thread and stepped on another decoded at half speed (21 against 43 tok/s, docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import weakref
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
 
+from fastgen_compile.config import EngineConfig
 from fastgen_compile.engine.engine import Engine, Prompt
 from fastgen_compile.errors import EngineDied
 from fastgen_compile.request import RequestOutput, SamplingParams
@@ -43,14 +50,22 @@ def _close_open_loops() -> None:
 
 
 class EngineLoop:
-    def __init__(self, engine: Engine):
-        self.engine = engine
+    def __init__(self, config: EngineConfig):
+        """Builds the engine on the loop's thread and returns once it is ready; a model that
+        cannot load raises here, as Engine(config) would."""
         self._sinks: dict[int, Sink] = {}  # request id -> where its outputs go, until its last one
         self._work = threading.Condition()  # guards _sinks, _closed, _failure; wakes the thread
         self._closed = False
         self._failure: Exception | None = None  # what stopped the loop, if anything
-        self._thread = threading.Thread(target=self._run, name="fastgen-engine", daemon=True)
+        self.engine: Engine
+        failed: list[BaseException] = []
+        ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(config, failed, ready), name="fastgen-engine", daemon=True)
         self._thread.start()
+        ready.wait()
+        if failed:
+            self._thread.join()
+            raise failed[0]
         _open_loops.add(self)
 
     @property
@@ -112,7 +127,14 @@ class EngineLoop:
             log.exception("dropping a request whose output sink failed")
             return False
 
-    def _run(self) -> None:
+    def _run(self, config: EngineConfig, failed: list[BaseException], ready: threading.Event) -> None:
+        try:
+            self.engine = Engine(config)
+        except BaseException as e:  # noqa: BLE001 - handed to the constructor, which raises it
+            failed.append(e)
+            return
+        finally:
+            ready.set()
         while True:
             with self._work:
                 while not self._closed and not self.engine.has_work():

@@ -20,7 +20,7 @@ from fastgen_compile.config import EngineConfig
 from fastgen_compile.engine.attention import LayerKV, PagedAttention, paged_attend
 from fastgen_compile.engine.batch import Batch, BlockLists
 from fastgen_compile.engine.compiler import Compiler
-from fastgen_compile.models import packed
+from fastgen_compile.models import linears, packed
 from fastgen_compile.models.decoder import Decoder, ModelArgs, decoder_layer
 from fastgen_compile.models.rope import Rope
 
@@ -75,12 +75,25 @@ class Runner:
 
         self.kv_caches = [layer_kv() for _ in model.layers]
         self.rope = Rope(args.rope, device) if args.rope is not None else None  # None: learned positions
-        self.packed_weights = c.pack_weights and packed.available(device, c.torch_dtype)
-        if self.packed_weights:
+        if packed.available(device, c.torch_dtype) and c.linear_kernel in ("auto", "onednn"):
             packed.pack(model)
-        self.linear = packed.packed_linear if self.packed_weights else torch.nn.functional.linear
+        self.kernels = linears.LinearKernels(self._kernel_record(c))
+        self.linear = self.kernels
         self.layer = compiler.compile(functools.partial(decoder_layer, args=args, attend=paged_attend, linear=self.linear))
         self.inputs: dict[int, BucketInputs] = {}
+
+    def _kernel_record(self, c: EngineConfig) -> linears.KernelRecord:
+        """The kernels measured on this machine and kept with the graphs, else measured now (or as forced)."""
+        rows = sorted(set(c.buckets))
+        if c.linear_kernel != "auto":
+            return linears.forced(self.model, rows, c.linear_kernel, self.device, c.torch_dtype)
+        cache = self.compiler.graph_cache
+        if cache is not None and (saved := cache.kernel_record()) is not None:
+            return linears.KernelRecord.from_json(saved)
+        record = linears.measure(self.model, rows, self.device, c.torch_dtype)
+        if cache is not None:
+            cache.save_kernel_record(record.to_json())
+        return record
 
     @staticmethod
     def kv_bytes_per_token(args: ModelArgs, config: EngineConfig, decode_kernel: bool) -> int:

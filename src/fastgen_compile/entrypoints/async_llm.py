@@ -16,7 +16,7 @@ from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
 from fastgen_compile.config import EngineConfig
-from fastgen_compile.engine.engine import Engine, Prompt
+from fastgen_compile.engine.engine import Prompt
 from fastgen_compile.engine.loop import EngineLoop, Sink, unwrap
 from fastgen_compile.request import RequestOutput, SamplingParams
 
@@ -26,7 +26,7 @@ class AsyncLLM:
         """loop: share a running engine (e.g. an LLM's `.loop`) instead of building one; it then
         stays open when this closes."""
         self._owns_loop = loop is None
-        self.loop = loop or EngineLoop(Engine(EngineConfig(model=model, **config)))
+        self.loop = loop or EngineLoop(EngineConfig(model=model, **config))
         self.engine = self.loop.engine
         self.tokenizer = self.engine.tokenizer
 

@@ -10,7 +10,6 @@ import queue
 from collections.abc import Iterator
 
 from fastgen_compile.config import EngineConfig
-from fastgen_compile.engine.engine import Engine
 from fastgen_compile.engine.loop import EngineLoop, unwrap
 from fastgen_compile.errors import RequestError
 from fastgen_compile.request import RequestOutput, SamplingParams
@@ -18,9 +17,9 @@ from fastgen_compile.request import RequestOutput, SamplingParams
 
 class LLM:
     def __init__(self, model: str | None = None, **config):
-        self.engine = Engine(EngineConfig(model=model, **config))
+        self.loop = EngineLoop(EngineConfig(model=model, **config))
+        self.engine = self.loop.engine
         self.tokenizer = self.engine.tokenizer
-        self.loop = EngineLoop(self.engine)
 
     def generate(
         self,

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastgen_compile.models.quantize import QuantizedWeight
 from fastgen_compile.models.rope import RopeArgs
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -120,9 +121,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 # (1, tokens, kv_heads, head_dim) into the paged pool at slots, then attends q (1, tokens, heads,
 # head_dim) over it; the pool's layout is the attention's business (attention.paged_attend)
 AttendFn = Callable[..., torch.Tensor]
-# linear(x, weight, bias) -> x @ weight.T + bias: F.linear, or models.packed.packed_linear on CPU bf16
-LinearFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
-Weights = dict[str, torch.Tensor | None]
+# linear(x, weight, bias) -> x @ weight.T + bias, weight a tensor or a QuantizedWeight: F.linear,
+# or the kernel models/linears.py chose for this shape on this machine
+LinearFn = Callable[[torch.Tensor, torch.Tensor | QuantizedWeight, torch.Tensor | None], torch.Tensor]
+Weights = dict[str, torch.Tensor | QuantizedWeight | None]
 
 
 def attention(
@@ -198,9 +200,10 @@ class DecoderLayer(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         _parameters(self, layer_shapes(args))
+        self.quantized: dict[str, QuantizedWeight] = {}  # models/quantize.py
 
     def weights(self) -> Weights:
-        return dict(self._parameters)
+        return {**self._parameters, **self.quantized}
 
 
 class Decoder(nn.Module):
@@ -211,6 +214,7 @@ class Decoder(nn.Module):
         if args.tie_word_embeddings:
             self.lm_head = self.embed
         self.layers = nn.ModuleList(DecoderLayer(args) for _ in range(args.num_layers))
+        self.quantized: dict[str, QuantizedWeight] = {}  # the lm_head's, when quantized
 
     def embed_tokens(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         x = self.embed[ids]
@@ -226,4 +230,4 @@ class Decoder(nn.Module):
             hidden = norm(hidden, self.norm, self.norm_bias, self.args)
         if self.project_out is not None:
             hidden = F.linear(hidden, self.project_out)
-        return linear(hidden, self.lm_head, None).float()
+        return linear(hidden, self.quantized.get("lm_head", self.lm_head), None).float()

