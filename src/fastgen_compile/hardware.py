@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+SPEED_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")  # what decides our kernels' speed
 
 
 @cache
@@ -23,6 +24,21 @@ def cpu_flags() -> frozenset[str]:
             if line.startswith("flags"):
                 return frozenset(line.split(":", 1)[1].split())
     return frozenset()
+
+
+def machine(device: str = "cpu") -> str:
+    """The machine a figure was measured on, in words: the CPU model, cores and the flags that
+    matter (a GPU's name, for a CUDA device)."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.get_device_name(torch.device(device))
+    model = "unknown CPU"
+    with contextlib.suppress(OSError):
+        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")]
+        model = names[0] if names else model
+    flags = cpu_flags()
+    has = [f for f in SPEED_FLAGS if f in flags]
+    lacks = [f for f in ("avx512_bf16", "amx_bf16") if f not in flags]
+    return f"{model}, {torch.get_num_threads()} threads, {' '.join(has) or 'no AVX2'}" + (f" (no {', '.join(lacks)})" if lacks else "")
 
 
 def auto_dtype(device: str, flags: frozenset[str] | None = None) -> tuple[str, str]:

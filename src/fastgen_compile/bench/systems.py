@@ -90,6 +90,33 @@ class ServerSystem:
         self.http.close()
 
 
+class LlamaCppSystem:
+    """llama.cpp through llama-cpp-python (an optional extra, built from source) on the same GGUF
+    file, greedy. Its Python API decodes one sequence at a time, so concurrent requests queue."""
+
+    name = "llama.cpp"
+
+    def __init__(self, model: str | None, threads: int):
+        from llama_cpp import Llama
+
+        path = model or embedded_model_path()
+        if not path.endswith(".gguf"):
+            raise ValueError(f"llama.cpp runs GGUF files, not {path}")
+        self.llm = Llama(model_path=path, n_threads=threads, n_threads_batch=threads, n_ctx=4096, verbose=False)
+        self._lock = threading.Lock()
+
+    def stream(self, request: Request) -> Iterator[int]:
+        with self._lock:
+            # generate() never stops at eos by itself: eos ignored, as for the others
+            for count, _ in enumerate(self.llm.generate(request.prompt_token_ids, top_k=1, temp=0.0, reset=True), start=1):
+                yield 1
+                if count >= request.max_new_tokens:
+                    return
+
+    def close(self) -> None:
+        self.llm.close()
+
+
 class TransformersSystem:
     """transformers' ContinuousBatchingManager; one router thread hands each request its outputs."""
 

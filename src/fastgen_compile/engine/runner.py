@@ -90,7 +90,7 @@ class Runner:
         cache = self.compiler.graph_cache
         if cache is not None and (saved := cache.kernel_record()) is not None:
             return linears.KernelRecord.from_json(saved)
-        record = linears.measure(self.model, rows, self.device, c.torch_dtype)
+        record = linears.measure(self.model, rows, self.device, c.torch_dtype, bf16_activations=c.dtype_reason != "as asked")
         if cache is not None:
             cache.save_kernel_record(record.to_json())
         return record

