@@ -417,14 +417,14 @@ def test_packed_linears_give_the_plain_linears_logits(tmp_path):
     same logits as F.linear's engine up to bf16 rounding, on a prefill, a chunk and decodes."""
     ids = random_ids(40, seed=21)
     logits = {}
-    for pack in (False, True):
-        tiny = make_tiny(tmp_path / str(pack), "llama-default-rope", dtype="bfloat16", pack_weights=pack)
-        assert tiny.engine.runner.packed_weights is pack
+    for kernel in ("aten", "onednn"):
+        tiny = make_tiny(tmp_path / kernel, "llama-default-rope", dtype="bfloat16", linear_kernel=kernel)
+        assert {k for by_rows in tiny.engine.runner.kernels.record.choices.values() for k in by_rows.values()} == {kernel}
         r = Request(ids, prompt_len=20)
         drive(tiny.engine, [r])
-        logits[pack] = torch.stack([r.logits[p] for p in sorted(r.logits)])
+        logits[kernel] = torch.stack([r.logits[p] for p in sorted(r.logits)])
     # observed: identical (oneDNN computes both); a wrong or stale packed weight is off by ~10
-    torch.testing.assert_close(logits[True], logits[False], atol=0.25, rtol=0.02)
+    torch.testing.assert_close(logits["onednn"], logits["aten"], atol=0.25, rtol=0.02)
 
 
 @pytest.mark.parametrize("kernel", [True, False], ids=["cpu-kernel", "flex"])

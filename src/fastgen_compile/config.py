@@ -30,7 +30,7 @@ class EngineConfig:
     device: str = knob("cpu", "torch device, e.g. cuda")
     # every bucket starts with `decode_rows` rows for decode tokens (buckets below it hold only
     # those: quick steps for a few decodes); the rest take prompt chunks
-    buckets: tuple[int, ...] = knob((8, 32, 96, 288), "row counts the forward pass is compiled for; the largest is the SplitFuse token budget",
+    buckets: tuple[int, ...] = knob((1, 2, 4, 8, 32, 96, 288), "row counts the forward pass is compiled for; the largest is the SplitFuse token budget",
                                     type=int, nargs="+")
     decode_rows: int = knob(32, "rows for decode tokens in every bucket, also the most decodes per step; 0: decodes share the prompt rows", type=int)
     page_size: int = knob(64, "KV slots per page, also the attention kv block", type=int)

@@ -22,12 +22,12 @@ from fastgen_compile import __version__
 from fastgen_compile.bench import report
 from fastgen_compile.bench.clients import closed_loop, poisson
 from fastgen_compile.bench.metrics import SLA, summarize
-from fastgen_compile.bench.systems import FastgenSystem, ServerSystem, TransformersSystem, missing_engines, transformers_source
+from fastgen_compile.bench.systems import FastgenSystem, LlamaCppSystem, ServerSystem, TransformersSystem, missing_engines, transformers_source
 from fastgen_compile.bench.workload import Request, chat_workload
 from fastgen_compile.config import add_engine_flags, engine_overrides
 from fastgen_compile.hardware import resolve_dtype
 
-SYSTEMS = ("splitfuse", "prefill_first", "transformers", "server")
+SYSTEMS = ("splitfuse", "prefill_first", "transformers", "llama.cpp", "server")
 # (prompt mean, generation mean) of the paper's workloads; the defaults fit this 2-core CPU
 PAPER_WORKLOADS = "1200/60, 1200/128, 2600/60, 2600/128"
 QUICK = {"requests": 6, "prompt_mean": 256, "gen_mean": 24, "clients": [1, 3]}
@@ -37,7 +37,7 @@ console = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty(
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--systems", nargs="+", choices=SYSTEMS, help="default: all but server; with --server: server and splitfuse")
+    p.add_argument("--systems", nargs="+", choices=SYSTEMS, help="default: all but server (llama.cpp if installed); with --server: server and splitfuse")
     p.add_argument("--server", metavar="URL", help="also measure a running `fastgen-compile serve` at URL through its OpenAI streaming API")
     p.add_argument("--api-key", default=os.environ.get("FASTGEN_API_KEY"), help="the server's key, if it has one")
     p.add_argument("--requests", type=int, default=12, help="requests per load point")
@@ -59,6 +59,8 @@ def build(name: str, args: argparse.Namespace):
         return TransformersSystem(args.model, resolve_dtype(args.dtype, args.device))
     if name == "server":
         return ServerSystem(args.server, args.api_key)
+    if name == "llama.cpp":
+        return LlamaCppSystem(args.model, torch.get_num_threads())
     return FastgenSystem(**{**engine_overrides(args), "policy": name})
 
 
@@ -80,7 +82,8 @@ def main(args: argparse.Namespace) -> int:
         for k, v in QUICK.items():
             setattr(args, k, v)
     if args.systems is None:
-        args.systems = ["server", "splitfuse"] if args.server else [s for s in SYSTEMS if s != "server"]
+        skip = {"server"} | ({"llama.cpp"} if "llama_cpp" in missing_engines() else set())
+        args.systems = ["server", "splitfuse"] if args.server else [s for s in SYSTEMS if s not in skip]
     if "server" in args.systems and not args.server:
         console.print("error: the server system needs --server URL")
         return 2
