@@ -15,6 +15,7 @@ import importlib.util
 import json
 import os
 import statistics
+import sys
 import time
 from collections.abc import Callable, Iterator
 
@@ -22,7 +23,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from fastgen_compile.bench.systems import FastgenSystem, LlamaCppSystem, transformers_source
+from fastgen_compile.bench.systems import FastgenSystem, LlamaCppSystem, in_subprocess, transformers_source
 from fastgen_compile.bench.workload import Request, prompts_of_lengths
 from fastgen_compile.config import add_engine_flags, engine_overrides
 from fastgen_compile.hardware import machine
@@ -36,7 +37,12 @@ def live(stream: Callable[[Request], Iterator[int]]) -> TokenTimes:
     return lambda request: [time.perf_counter() for n in stream(request) for _ in range(n)]
 
 
-def transformers_generate(model: str | None, dtype: str) -> TokenTimes:
+def rates(times: TokenTimes, request: Request, repeat: int) -> list[float]:
+    times(Request(request.prompt_token_ids, 4))  # first-call costs out of the figures
+    return [decode_rate(times(request)) for _ in range(repeat)]
+
+
+def transformers_rates(model: str | None, dtype: str, request: Request, repeat: int) -> list[float]:
     """transformers' generate at batch 1, greedy, eos ignored, timed by its streamer."""
     from transformers import AutoModelForCausalLM
     from transformers.generation.streamers import BaseStreamer
@@ -64,7 +70,15 @@ def transformers_generate(model: str | None, dtype: str) -> TokenTimes:
                         do_sample=False, pad_token_id=hf.config.eos_token_id, streamer=streamer)
         return streamer.times
 
-    return times
+    return rates(times, request, repeat)
+
+
+def llama_cpp_rates(model: str | None, request: Request, repeat: int) -> list[float]:
+    llama = LlamaCppSystem(model, torch.get_num_threads())
+    try:
+        return rates(live(llama.stream), request, repeat)
+    finally:
+        llama.close()
 
 
 def decode_rate(times: list[float]) -> float:
@@ -81,7 +95,7 @@ def main() -> None:
     p.add_argument("--out", default="bench_results/latency.json")
     add_engine_flags(p)
     args = p.parse_args()
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 160)
     where = machine(args.device)
     console.print(f"machine: {where}")
     from transformers import AutoTokenizer
@@ -89,32 +103,28 @@ def main() -> None:
     folder, kwargs = transformers_source(args.model)
     (ids,) = prompts_of_lengths(AutoTokenizer.from_pretrained(folder, **kwargs), [args.prompt])
     request = Request(ids, args.new_tokens)
-    warm = Request(ids, 4)
     results: dict[str, dict] = {}
 
-    def run(name: str, times: TokenTimes, **info) -> None:
-        times(warm)
-        rates = [decode_rate(times(request)) for _ in range(args.repeat)]
-        results[name] = {"tok_per_s": statistics.median(rates), "all": rates, **info}
+    def record(name: str, found: list[float], **info) -> None:
+        results[name] = {"tok_per_s": statistics.median(found), "all": found, **info}
         console.print(f"  {name}: {results[name]['tok_per_s']:.1f} tok/s")
 
-    fastgen = FastgenSystem("splitfuse", **engine_overrides(args))
+    fastgen = FastgenSystem(**engine_overrides(args))
     engine = fastgen.llm.engine
-    run("fastgen-compile", live(fastgen.stream), dtype=engine.config.dtype, dtype_reason=engine.config.dtype_reason,
+    record("fastgen-compile", rates(live(fastgen.stream), request, args.repeat), dtype=engine.config.dtype, dtype_reason=engine.config.dtype_reason,
         quantization=engine.quantization, buckets=list(engine.config.buckets))
     fastgen.close()
-    if not args.skip_transformers:
+    if not args.skip_transformers:  # the peers in fresh processes: see bench.systems.in_subprocess
         for dtype in ("float32", "bfloat16"):
-            run(f"transformers generate {dtype}", transformers_generate(args.model, dtype), dtype=dtype)
+            record(f"transformers generate {dtype}", in_subprocess(transformers_rates, args.model, dtype, request, args.repeat), dtype=dtype)
     gguf = args.model or embedded_model_path()
     if importlib.util.find_spec("llama_cpp") is None:
         console.print("llama.cpp: skipped (llama-cpp-python is not installed: pip install llama-cpp-python builds it from source)")
     elif not gguf.endswith(".gguf"):
         console.print(f"llama.cpp: skipped ({gguf} is not a GGUF file)")
     else:
-        llama = LlamaCppSystem(args.model, torch.get_num_threads())
-        run("llama.cpp", live(llama.stream), file=os.path.basename(gguf), threads=torch.get_num_threads())
-        llama.close()
+        found = in_subprocess(llama_cpp_rates, args.model, request, args.repeat)
+        record("llama.cpp", found, file=os.path.basename(gguf), threads=torch.get_num_threads())
 
     baselines = {k: v["tok_per_s"] for k, v in results.items() if k.startswith("transformers")}
     base_name = max(baselines, key=baselines.get) if baselines else None
@@ -124,7 +134,8 @@ def main() -> None:
         table.add_column(col, justify="right")
     llama_rate = results.get("llama.cpp", {}).get("tok_per_s")
     for name, r in results.items():
-        settings = ", ".join(f"{k} {v}" for k, v in r.items() if k in ("dtype", "quantization", "threads"))
+        quantized = " ".join(f"{part} {method}" for part, method in r.get("quantization", {}).items())
+        settings = ", ".join([r["dtype"] if "dtype" in r else f"gguf, {r['threads']} threads", *([quantized] if quantized else [])])
         r["x_transformers"] = r["tok_per_s"] / baselines[base_name] if base_name else None
         r["x_llama_cpp"] = r["tok_per_s"] / llama_rate if llama_rate else None
         table.add_row(name, settings, f"{r['tok_per_s']:.1f}", f"{r['x_transformers']:.2f}" if base_name else "-",

@@ -25,7 +25,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fastgen_compile import LLM, SamplingParams
-from fastgen_compile.bench.systems import LlamaCppSystem, transformers_source
+from fastgen_compile.bench.systems import LlamaCppSystem, in_subprocess, transformers_source
 from fastgen_compile.bench.workload import Request, prompts_of_lengths
 from fastgen_compile.config import add_engine_flags, engine_overrides
 from fastgen_compile.hardware import machine, resolve_dtype
@@ -124,13 +124,13 @@ def main() -> None:
     systems = {"fastgen": lambda: run_fastgen(prompts, args.new_tokens, args)}
     systems |= {f"fastgen {d}": (lambda d=d: run_fastgen(prompts, args.new_tokens, args, dtype=d)) for d in other}
     if not args.skip_transformers:
-        systems |= {f"transformers CB {d}": (lambda d=d: run_transformers(prompts, args.new_tokens, args, d)) for d in DTYPES}
+        systems |= {f"transformers CB {d}": (lambda d=d: in_subprocess(run_transformers, prompts, args.new_tokens, args, d)) for d in DTYPES}
     if importlib.util.find_spec("llama_cpp") is None:
         print("llama.cpp: skipped (llama-cpp-python is not installed: pip install llama-cpp-python builds it from source)")
     elif not (args.model or embedded_model_path()).endswith(".gguf"):
         print("llama.cpp: skipped (the model is not a GGUF file)")
     else:
-        systems["llama.cpp"] = lambda: run_llama_cpp(prompts, args.new_tokens, args)
+        systems["llama.cpp"] = lambda: in_subprocess(run_llama_cpp, prompts, args.new_tokens, args)
     runs: dict[str, list[dict]] = {name: [] for name in systems}
     for _ in range(args.repeat):  # alternating, so a drift of the machine's speed hits every system
         for name, run in systems.items():
@@ -138,9 +138,9 @@ def main() -> None:
     median = {name: sorted(rs, key=lambda r: r["seconds"])[(len(rs) - 1) // 2] for name, rs in runs.items() if rs}
     results = {name: r | {"all_seconds": [run["seconds"] for run in runs[name]]} for name, r in median.items()}
     prompt_tokens = sum(lengths)
-    roofs = {d: peak_flops(d) for d in DTYPES}
+    roofs = {d: in_subprocess(peak_flops, d) for d in DTYPES}
     roof_dtype = max(roofs, key=roofs.get)
-    linear_weights, head_weights = linear_sizes(args)
+    linear_weights, head_weights = in_subprocess(linear_sizes, args)
     for r in results.values():
         r["requests_per_s"] = args.requests / r["seconds"]
         r["output_tok_per_s"] = r["output_tokens"] / r["seconds"]

@@ -8,12 +8,14 @@ All run greedy with eos ignored, so every system generates the same token counts
 
 from __future__ import annotations
 
+import concurrent.futures
 import importlib.util
 import json
+import multiprocessing
 import os
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -32,6 +34,14 @@ def transformers_source(model: str | None) -> tuple[str, dict]:
     if path.endswith(".gguf"):
         return os.path.dirname(path), {"gguf_file": os.path.basename(path)}
     return path, {}
+
+
+def in_subprocess(fn: Callable, *args):
+    """fn(*args) in a fresh process (fn importable, args picklable). Baselines run there, not on
+    the caller's thread: a torch thread pool left on the main thread halves our engine thread's
+    speed on a small CPU (docs/architecture.md, "The engine thread")."""
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(fn, *args).result()
 
 
 def missing_engines() -> list[str]:
