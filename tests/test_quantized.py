@@ -93,9 +93,11 @@ def test_the_record_picks_the_smallest_measured_row_count_holding_the_rows():
 def test_measure_keeps_the_fastest_candidate_per_shape_and_rows(tiny_engine):
     record = linears.measure(tiny_engine.engine.model, [1, 16], torch.device("cpu"), torch.float32, bf16_activations=True)
     for shape, by_rows in record.micros.items():
+        assert set(by_rows[1]) == {"aten", "int4", "int4-bf16"}  # every candidate at the smallest row count
         for rows, found in by_rows.items():
-            assert set(found) == {"aten", "int4", "int4-bf16"}
             assert record.choices[shape][rows] == min(found, key=found.get)
+        dropped = set(by_rows[1]) - set(by_rows[16])
+        assert all(by_rows[1][k] >= linears.DROP_BEHIND * min(by_rows[1].values()) for k in dropped)  # only the far-behind ones
 
 
 def test_the_record_is_kept_with_the_graphs_and_not_reused_on_another_cpu(tmp_path, monkeypatch):

@@ -18,6 +18,7 @@ import importlib.util
 import json
 import os
 import random
+import sys
 import time
 
 import torch
@@ -162,7 +163,7 @@ def main() -> None:
         dtype = r["dtype"] + (f" {'/'.join(f'{k} {v}' for k, v in r['quantization'].items())}" if r.get("quantization") else "")
         table.add_row(name, dtype, f"{r['seconds']:.1f}", f"{r['requests_per_s']:.2f}", f"{r['output_tok_per_s']:.1f}", f"{r['total_tok_per_s']:.1f}",
                       f"{ratio:.2f}", f"{r['share_of_roof']:.0%}")
-    Console().print(table)
+    Console(width=None if sys.stdout.isatty() else 180).print(table)
     settings = vars(args) | {"prompt_tokens": prompt_tokens, "torch": torch.__version__, "machine": where, "cpus": os.cpu_count(),
                              "roof_flops": roofs, "baseline": base_name}
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)

@@ -137,8 +137,16 @@ def cmd_warmup(args: argparse.Namespace) -> int:
     for w in engine.compiler.warmups:
         table.add_row(str(w.bucket), f"{w.seconds:.1f}", w.cache)
     out.print(table)
+    record = engine.runner.kernels.record
+    if record.micros:
+        kernels = Table("weight", "rows", "kernel", "measured µs per call (fastest first)", title="linear kernels, measured on this machine")
+        for shape, rows, kernel, timings in record.table():
+            kernels.add_row(shape, str(rows), kernel, timings)
+        out.print(kernels)
     cache = engine.compiler.graph_cache
     out.print(f"dtype {engine.config.dtype}: {escape(engine.config.dtype_reason)}")
+    quantized = ", ".join(f"{part} {method}" for part, method in engine.quantization.items()) or "none"
+    out.print(f"quantized: {quantized} (quantization={engine.config.quantization})")
     out.print(f"graphs in {escape(str(cache.folder))}; ready in {seconds:.1f} s" if cache else f"ready in {seconds:.1f} s")
     return 0
 

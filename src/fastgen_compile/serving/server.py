@@ -116,7 +116,9 @@ async def serve(args: argparse.Namespace) -> int:
     http_address = f"http://{_shown(args.host)}:{sock.getsockname()[1]}"
     grpc_address = f", gRPC at {_shown(args.host)}:{grpc.port}" if grpc is not None else ""
     cfg = llm.engine.config
-    print(f"ready: serving {state.model_name} ({cfg.dtype} on {cfg.device}: {cfg.dtype_reason}) at {http_address} (OpenAI API, /metrics){grpc_address}"
+    quantized = "".join(f", {part} {method}" for part, method in llm.engine.quantization.items())
+    print(f"ready: serving {state.model_name} ({cfg.dtype} on {cfg.device}: {cfg.dtype_reason}{quantized}) at {http_address} (OpenAI API, /metrics)"
+          f"{grpc_address}"
           f"{'; API key required on /v1/*' if state.api_key else ''}; started in {time.perf_counter() - t0:.1f} s", flush=True)
 
     stop = asyncio.ensure_future(signals.get())
