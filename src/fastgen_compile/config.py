@@ -96,7 +96,7 @@ class EngineConfig:
                 raise ConfigError(f"linear_kernel {self.linear_kernel} is for models computing in another dtype; with bfloat16 use {self.linear_kernel[:4]}")
 
     def quantized_parts(self, stored_as: dict[str, str], device: torch.device) -> dict[str, str]:
-        """"layers" / "lm_head" -> how each is quantized for this engine (absent: dense)."""
+        """How this engine quantizes the layers' linears and the lm_head ({"layers": "int4", ...}; absent: dense)."""
         if self.quantization == "auto":
             return dict(stored_as) if device.type == "cpu" else {}
         return {} if self.quantization == "none" else {"layers": self.quantization, "lm_head": self.quantization}

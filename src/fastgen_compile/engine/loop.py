@@ -9,7 +9,7 @@ open at exit would otherwise still be inside torch while its native threads are 
 The engine is built (loaded, warmed up) on the loop's own thread, not the caller's: libgomp
 keeps an OpenMP thread pool per thread that ever ran a parallel region, and once two pools
 exist on this 2-core machine it counts the cores oversubscribed and puts its workers to sleep
-after every region, so a small decode step pays a wake-up per kernel. A thread warmed up on one
+after every region, so a small decode step pays a wake-up per kernel. An engine warmed up on one
 thread and stepped on another decoded at half speed (21 against 43 tok/s, docs/architecture.md).
 """
 

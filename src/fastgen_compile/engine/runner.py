@@ -77,9 +77,8 @@ class Runner:
         self.rope = Rope(args.rope, device) if args.rope is not None else None  # None: learned positions
         if packed.available(device, c.torch_dtype) and c.linear_kernel in ("auto", "onednn"):
             packed.pack(model)
-        self.kernels = linears.LinearKernels(self._kernel_record(c))
-        self.linear = self.kernels
-        self.layer = compiler.compile(functools.partial(decoder_layer, args=args, attend=paged_attend, linear=self.linear))
+        self.kernels = linears.LinearKernels(self._kernel_record(c))  # the decoder's linear
+        self.layer = compiler.compile(functools.partial(decoder_layer, args=args, attend=paged_attend, linear=self.kernels))
         self.inputs: dict[int, BucketInputs] = {}
 
     def _kernel_record(self, c: EngineConfig) -> linears.KernelRecord:
@@ -114,7 +113,7 @@ class Runner:
         inputs.fill(batch)
         hidden = self.compiler.run(batch.bucket, lambda: self._body(inputs))
         rows = batch.sample_rows if rows is None else rows
-        return self.model.logits(hidden[rows.to(self.device)], self.linear)
+        return self.model.logits(hidden[rows.to(self.device)], self.kernels)
 
     def _body(self, inputs: BucketInputs) -> torch.Tensor:
         """The bucket's forward up to the last hidden states: only in-place writes and fixed shapes,
