@@ -47,6 +47,8 @@ class EngineConfig:
                              choices=["auto", "none", *METHODS])
     linear_kernel: str = knob("auto", "how linears are computed; auto: the fastest measured per weight shape and bucket at warmup "
                                       "(models/linears.py), else that kernel wherever it applies", choices=["auto", *KERNELS])
+    layers_per_graph: int = knob(3, "decoder layers in one compiled call (the largest divisor of the layer count up to this): fewer calls, "
+                                    "less Python per step, longer compiles", type=int)
     decode_kernel: bool = knob(True, "CPU: decode rows attend through kernels/paged_decode.cpp, not FlexAttention")
     compile: bool = knob(True, "compile the model (off: run it eagerly, for debugging)")
     warmup: bool = knob(True, "compile every bucket at start (off: each on first use)")
@@ -77,6 +79,8 @@ class EngineConfig:
         if self.policy not in POLICIES:
             raise ConfigError(f"unknown scheduling policy {self.policy!r}; choose one of {', '.join(POLICIES)}")
         self._check_kernels()
+        if self.layers_per_graph < 1:
+            raise ConfigError(f"layers_per_graph must be >= 1, got {self.layers_per_graph}")
         if self.page_size < 1 or self.max_seqs < 1:
             raise ConfigError("page_size and max_seqs must be >= 1")
 

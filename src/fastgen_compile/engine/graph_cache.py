@@ -72,6 +72,7 @@ class GraphCache:
             "q_block": c.q_block,
             "quantization": quantization,
             "linear_kernel": c.linear_kernel,
+            "layers_per_graph": c.layers_per_graph,
             "decode_kernel": decode_kernel,
             "kv_pages": num_pages,
             "torch": torch.__version__,

@@ -27,6 +27,20 @@ from fastgen_compile.models.rope import Rope
 DEVICE_FIELDS = ("input_ids", "positions", "context_lens", "slots", "q_seq", "decode_pages", "decode_lens")  # None where a path has none
 
 
+def layer_group(num_layers: int, most: int) -> int:
+    """Layers per compiled call: the largest divisor of num_layers up to `most`, so every call
+    has the same shape and one graph per bucket serves them all."""
+    return max(d for d in range(1, min(most, num_layers) + 1) if num_layers % d == 0)
+
+
+def decoder_layers(x: torch.Tensor, weights: list, kv_caches: list, cos, sin, slots, masks, *, layer) -> torch.Tensor:
+    """Consecutive decoder layers in one graph: each compiled call costs ~110 µs of Python and
+    dynamo on this CPU, a third of a one-row step when it was called once per layer."""
+    for w, kv_cache in zip(weights, kv_caches):
+        x = layer(x, w, kv_cache, cos, sin, slots, masks)
+    return x
+
+
 @dataclass
 class BucketInputs:
     """A bucket's forward inputs as device buffers, and the masks over them."""
@@ -78,7 +92,9 @@ class Runner:
         if packed.available(device, c.torch_dtype) and c.linear_kernel in ("auto", "onednn"):
             packed.pack(model)
         self.kernels = linears.LinearKernels(self._kernel_record(c))  # the decoder's linear
-        self.layer = compiler.compile(functools.partial(decoder_layer, args=args, attend=paged_attend, linear=self.kernels))
+        self.group = layer_group(args.num_layers, c.layers_per_graph)
+        layer = functools.partial(decoder_layer, args=args, attend=paged_attend, linear=self.kernels)
+        self.layers = compiler.compile(functools.partial(decoder_layers, layer=layer))
         self.inputs: dict[int, BucketInputs] = {}
 
     def _kernel_record(self, c: EngineConfig) -> linears.KernelRecord:
@@ -124,6 +140,7 @@ class Runner:
         if self.rope is not None:
             cos, sin = self.rope.cos_sin(b.positions, b.context_lens)
         x = self.model.embed_tokens(b.input_ids, b.positions)
-        for layer, kv_cache in zip(self.model.layers, self.kv_caches):
-            x = self.layer(x, layer.weights(), kv_cache, cos, sin, b.slots, inputs.masks)
+        weights, g = [layer.weights() for layer in self.model.layers], self.group
+        for i in range(0, len(weights), g):
+            x = self.layers(x, weights[i : i + g], self.kv_caches[i : i + g], cos, sin, b.slots, inputs.masks)
         return x
