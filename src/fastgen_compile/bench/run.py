@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import time
 from dataclasses import asdict
@@ -25,7 +24,7 @@ from fastgen_compile.bench.metrics import SLA, summarize
 from fastgen_compile.bench.systems import FastgenSystem, LlamaCppSystem, ServerSystem, TransformersSystem, missing_engines, transformers_source
 from fastgen_compile.bench.workload import Request, chat_workload
 from fastgen_compile.config import add_engine_flags, engine_overrides
-from fastgen_compile.hardware import resolve_dtype
+from fastgen_compile.hardware import machine, resolve_dtype
 
 SYSTEMS = ("splitfuse", "prefill_first", "transformers", "llama.cpp", "server")
 # (prompt mean, generation mean) of the paper's workloads; the defaults fit this 2-core CPU
@@ -126,7 +125,7 @@ def main(args: argparse.Namespace) -> int:
 
     settings = {k: v for k, v in vars(args).items() if k != "run"} | {
         "model": args.model or "embedded SmolLM2-135M-Instruct", "device": (engine_config or {}).get("device", "cpu"),
-        "torch": torch.__version__, "fastgen_compile": __version__, "machine": platform.processor() or platform.machine(),
+        "torch": torch.__version__, "fastgen_compile": __version__, "machine": machine(engine_config["device"] if engine_config else "cpu"),
         "cpus": os.cpu_count(), "engine_config": engine_config, "sla": asdict(sla),
     }
     report.write(args.out, settings, results, console)

@@ -93,6 +93,7 @@ class Runner:
             packed.pack(model)
         self.kernels = linears.LinearKernels(self._kernel_record(c))  # the decoder's linear
         self.group = layer_group(args.num_layers, c.layers_per_graph)
+        self.layer_weights = [layer.weights() for layer in model.layers]  # once: quantized and packed above, fixed from here on
         layer = functools.partial(decoder_layer, args=args, attend=paged_attend, linear=self.kernels)
         self.layers = compiler.compile(functools.partial(decoder_layers, layer=layer))
         self.inputs: dict[int, BucketInputs] = {}
@@ -140,7 +141,7 @@ class Runner:
         if self.rope is not None:
             cos, sin = self.rope.cos_sin(b.positions, b.context_lens)
         x = self.model.embed_tokens(b.input_ids, b.positions)
-        weights, g = [layer.weights() for layer in self.model.layers], self.group
+        weights, g = self.layer_weights, self.group
         for i in range(0, len(weights), g):
             x = self.layers(x, weights[i : i + g], self.kv_caches[i : i + g], cos, sin, b.slots, inputs.masks)
         return x

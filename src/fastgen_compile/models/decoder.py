@@ -125,6 +125,7 @@ AttendFn = Callable[..., torch.Tensor]
 # or the kernel models/linears.py chose for this shape on this machine
 LinearFn = Callable[[torch.Tensor, torch.Tensor | QuantizedWeight, torch.Tensor | None], torch.Tensor]
 Weights = dict[str, torch.Tensor | QuantizedWeight | None]
+LINEARS = ("wqkv", "wo", "w_up", "w_down")  # a layer's linear weights (2-D but for experts' stacked ones)
 
 
 def attention(

@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from fastgen_compile.models import packed
-from fastgen_compile.models.decoder import Decoder
-from fastgen_compile.models.quantize import GROUP, QUANTIZED, QuantizedWeight
+from fastgen_compile.models.decoder import LINEARS, Decoder
+from fastgen_compile.models.quantize import GROUP, QuantizedWeight
 from fastgen_compile.progress import progress_bar
 
 Weight = torch.Tensor | QuantizedWeight
@@ -54,22 +54,18 @@ def onednn(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None) -> torch.
     return packed.packed_linear(x, dense(weight), bias)
 
 
-def int4(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None) -> torch.Tensor:
-    return _biased(torch.ops.aten._weight_int4pack_mm_for_cpu(x, weight.codes, GROUP, weight.scales), bias)
-
-
-def int4_bf16(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None) -> torch.Tensor:
-    out = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), weight.codes, GROUP, weight.scales_bf16)
+def weight_only(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None, bf16_activations: bool = False) -> torch.Tensor:
+    """PyTorch's weight-only kernel for the weight's bits; bf16_activations: computed in bf16, returned in x's dtype."""
+    a, scales = (x.to(torch.bfloat16), weight.scales_bf16) if bf16_activations else (x, weight.scales)
+    if weight.bits == 4:
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(a, weight.codes, GROUP, scales)
+    else:
+        out = torch.ops.aten._weight_int8pack_mm(a, weight.codes, scales)
     return _biased(out.to(x.dtype), bias)
 
 
-def int8(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None) -> torch.Tensor:
-    return _biased(torch.ops.aten._weight_int8pack_mm(x, weight.codes, weight.scales), bias)
-
-
-def int8_bf16(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None) -> torch.Tensor:
-    out = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), weight.codes, weight.scales_bf16)
-    return _biased(out.to(x.dtype), bias)
+def weight_only_bf16(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None) -> torch.Tensor:
+    return weight_only(x, weight, bias, bf16_activations=True)
 
 
 @dataclass(frozen=True)
@@ -82,10 +78,10 @@ class Kernel:
 KERNELS = {
     "aten": Kernel(aten),
     "onednn": Kernel(onednn),  # CPU bf16, weights packed once (models/packed.py)
-    "int4": Kernel(int4, bits=4),
-    "int4-bf16": Kernel(int4_bf16, bits=4, bf16_activations=True),
-    "int8": Kernel(int8, bits=8),
-    "int8-bf16": Kernel(int8_bf16, bits=8, bf16_activations=True),
+    "int4": Kernel(weight_only, bits=4),
+    "int4-bf16": Kernel(weight_only_bf16, bits=4, bf16_activations=True),
+    "int8": Kernel(weight_only, bits=8),
+    "int8-bf16": Kernel(weight_only_bf16, bits=8, bf16_activations=True),
 }
 
 
@@ -146,7 +142,7 @@ def weight_groups(model: Decoder) -> dict[str, list[Weight]]:
     groups: dict[str, list[Weight]] = defaultdict(list)
     for layer in model.layers:
         weights = layer.weights()
-        for name in QUANTIZED:
+        for name in LINEARS:
             if weights[name] is not None and dense(weights[name]).dim() == 2:
                 groups[shape_key(weights[name])].append(weights[name])
     head = model.quantized.get("lm_head", model.lm_head)

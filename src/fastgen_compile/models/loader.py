@@ -10,6 +10,7 @@ import importlib.util
 import json
 import os
 import shutil
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -171,8 +172,6 @@ def _open_gguf(path: str) -> tuple[object, Family, ModelArgs, Callable[[str], to
 
 def _stored_as(tensors: dict) -> dict[str, str]:
     """The quantization the layers' linears (by majority) and the lm_head are stored in, where our kernels hold it."""
-    from collections import Counter
-
     layer_types = Counter(t.tensor_type.name for name, t in tensors.items() if name.startswith("blk.") and len(t.shape) == 2)
     head = tensors.get("output.weight") or tensors.get("token_embd.weight")
     found = {"layers": layer_types.most_common(1)[0][0] if layer_types else None, "lm_head": head.tensor_type.name if head else None}

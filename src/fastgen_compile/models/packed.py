@@ -14,9 +14,8 @@ import weakref
 
 import torch
 
-from fastgen_compile.models.decoder import Decoder
+from fastgen_compile.models.decoder import LINEARS, Decoder
 
-PACKABLE = ("wqkv", "wo", "w_up", "w_down")  # a layer's linears (experts' 3-D weights stay plain)
 _packed: dict[tuple[int, torch.Size], torch.Tensor] = {}  # plain weight (address, shape) -> its packed copy
 
 
@@ -27,7 +26,7 @@ def available(device: torch.device, dtype: torch.dtype) -> bool:
 def pack(model: Decoder) -> None:
     """Pack every layer's linear weights and lm_head. An entry lives as long as its weight:
     it is dropped when the weight is freed, before another tensor can reuse the address."""
-    weights = [getattr(layer, name) for layer in model.layers for name in PACKABLE] + [model.lm_head]
+    weights = [getattr(layer, name) for layer in model.layers for name in LINEARS] + [model.lm_head]
     for weight in weights:
         if weight is None or weight.dim() != 2 or _key(weight) in _packed:
             continue

@@ -23,7 +23,6 @@ from torch import nn
 GROUP = 32  # int4 inputs per scale: Q4_1's block
 INT4_K_TILES = 2  # the packing _weight_int4pack_mm_for_cpu reads
 METHODS = ("int4", "int8")
-QUANTIZED = ("wqkv", "wo", "w_up", "w_down")  # a layer's linears (experts' 3-D weights stay dense)
 
 
 class QuantizedWeight(NamedTuple):
@@ -81,15 +80,14 @@ def quantize_weight(weight: torch.Tensor, method: str) -> QuantizedWeight:
     return QuantizedWeight(weight, packed, scales.to(weight.dtype), scales.to(torch.bfloat16), bits)
 
 
-def quantize_model(model: nn.Module, layers: str | None, lm_head: str | None) -> int:
+def quantize_model(model: nn.Module, layers: str | None, lm_head: str | None) -> None:
     """Quantize the layers' linears and the lm_head in place (module.quantized[name]), each by its
-    method (None: stays dense); returns how many weights were quantized. A weight whose input
-    size is not a multiple of the group stays dense."""
-    count = 0
-    for module, names, method in [(layer, QUANTIZED, layers) for layer in model.layers] + [(model, ("lm_head",), lm_head)]:
+    method (None: stays dense). A weight whose input size is not a multiple of the group, or an
+    expert stack (3-D), stays dense."""
+    from fastgen_compile.models.decoder import LINEARS  # decoder imports QuantizedWeight from here
+
+    for module, names, method in [(layer, LINEARS, layers) for layer in model.layers] + [(model, ("lm_head",), lm_head)]:
         for name in names:
             weight = getattr(module, name)
             if method is not None and quantizable(weight, method):
                 module.quantized[name] = quantize_weight(weight, method)
-                count += 1
-    return count
