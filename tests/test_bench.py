@@ -110,7 +110,7 @@ def test_bench_quick_run_accounts_for_every_token(tmp_path, engine_config):
     assert settings["engine_config"]["buckets"] == list(engine_config["buckets"]) and settings["torch"]
     systems = [(r["system"], r["clients"]) for r in results]
     peers = () if "llama_cpp" in missing_engines() else ("llama.cpp",)  # an optional extra: in the default set where installed
-    assert systems == [(s, c) for s in ("fastgen splitfuse", "fastgen prefill_first", "transformers CB", *peers) for c in (1, 2)]
+    assert systems == [(s, c) for s in ("fastgen splitfuse", "fastgen splitfuse fixed", "fastgen prefill_first", "transformers CB", *peers) for c in (1, 2)]
     first_system = {r["clients"]: r for r in results[:2]}
     for r in results:
         prompts, gens = r["prompt_lengths"], r["gen_lengths"]
@@ -124,6 +124,6 @@ def test_bench_quick_run_accounts_for_every_token(tmp_path, engine_config):
             # every prompt token computed exactly once; every token after the first comes from a decode
             assert sum(s["prompt_tokens"] for s in r["steps"]) == sum(prompts)
             assert sum(s["decode_tokens"] for s in r["steps"]) == sum(gens) - len(gens)
-    assert set(report["comparisons"]) == {"splitfuse vs prefill_first", "splitfuse vs transformers CB"}
+    assert set(report["comparisons"]) == {"splitfuse vs prefill_first", "splitfuse vs fixed budget", "splitfuse vs transformers CB"}
     for name in PLOTS:
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

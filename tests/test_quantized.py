@@ -105,13 +105,13 @@ def test_the_record_is_kept_with_the_graphs_and_not_reused_on_another_cpu(tmp_pa
         return GraphCache(tmp_path, "m", {"capability": graph_cache.device_capability(torch.device("cpu"))})
 
     first = cache()
-    assert first.kernel_record() is None
-    first.save_kernel_record({"choices": {"8x32": {"1": "int4"}}})
+    assert first.record(linears.RECORD) is None
+    first.save_record(linears.RECORD, {"choices": {"8x32": {"1": "int4"}}})
     first.save([])
-    assert cache().kernel_record() == {"choices": {"8x32": {"1": "int4"}}}  # a warm start reads it
+    assert cache().record(linears.RECORD) == {"choices": {"8x32": {"1": "int4"}}}  # a warm start reads it
     monkeypatch.setattr(graph_cache, "cpu_flags", lambda: frozenset({"avx2"}))  # another kind of CPU
     other = cache()
-    assert other.folder != first.folder and other.kernel_record() is None
+    assert other.folder != first.folder and other.record(linears.RECORD) is None
 
 
 def test_a_forced_kernel_needs_its_weights():

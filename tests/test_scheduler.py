@@ -55,7 +55,7 @@ class Sim:
 
     def __post_init__(self) -> None:
         self.pages = PageManager(self.num_pages, self.page_size)
-        self.sched = Scheduler(self.pages, self.token_budget, self.max_seqs, self.policy, self.decode_rows)
+        self.sched = Scheduler(self.pages, (self.token_budget,), self.max_seqs, self.policy, self.decode_rows)
         self.seqs: list[Sequence] = []
 
     def add(self, seq: Sequence) -> Sequence:

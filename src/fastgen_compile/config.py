@@ -42,6 +42,11 @@ class EngineConfig:
     kv_bytes: int | None = knob(None, "KV pool size in bytes, if kv_pages is not given", type=int)
     kv_memory_fraction: float = knob(0.1, "share of free memory for the KV pool, if neither kv_pages nor kv_bytes is given", type=float)
     policy: str = knob("splitfuse", "scheduling policy", choices=POLICIES)
+    itl_target_ms: float | None = knob(None, "SplitFuse: while decodes run, each step's prompt chunk is sized so its predicted time stays within "
+                                             "this (step costs measured at warmup, engine/step_costs.py); default: 1.5x the decode-only step "
+                                             "of the running decodes; 0: every step may fill the largest bucket (a fixed budget)", type=float)
+    prompt_rate: float = knob(512.0, "prompt tokens/s owed to each prompt from its arrival (the paper's SLA): a prompt that would miss "
+                                     "that deadline under the ITL target gets a larger step if one still makes it; 0: no deadline", type=float)
     quantization: str = knob("auto", "weight-only quantization of the linears and lm_head (CPU): int4 (groups of 32), int8 (per channel), "
                                      "none; auto: as the checkpoint stores them (a Q4_1 GGUF: int4), else none",
                              choices=["auto", "none", *METHODS])
@@ -79,6 +84,8 @@ class EngineConfig:
         if self.policy not in POLICIES:
             raise ConfigError(f"unknown scheduling policy {self.policy!r}; choose one of {', '.join(POLICIES)}")
         self._check_kernels()
+        if (self.itl_target_ms is not None and self.itl_target_ms < 0) or self.prompt_rate < 0:
+            raise ConfigError(f"itl_target_ms and prompt_rate must be >= 0, got {self.itl_target_ms} and {self.prompt_rate}")
         if self.layers_per_graph < 1:
             raise ConfigError(f"layers_per_graph must be >= 1, got {self.layers_per_graph}")
         if self.page_size < 1 or self.max_seqs < 1:

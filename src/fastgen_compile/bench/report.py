@@ -54,6 +54,7 @@ def _div(a: float, b: float) -> float:
 
 def comparisons(results: list[dict]) -> dict[str, list[dict]]:
     pairs = {"splitfuse vs prefill_first": ("fastgen splitfuse", "fastgen prefill_first"),
+             "splitfuse vs fixed budget": ("fastgen splitfuse", "fastgen splitfuse fixed"),
              "splitfuse vs transformers CB": ("fastgen splitfuse", "transformers CB")}
     return {name: rows for name, (a, b) in pairs.items() if (rows := ratios(results, a, b))}
 

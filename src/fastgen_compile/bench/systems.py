@@ -49,8 +49,8 @@ def missing_engines() -> list[str]:
 
 
 class FastgenSystem:
-    def __init__(self, policy: str, **engine):
-        self.name = f"fastgen {policy}"
+    def __init__(self, policy: str, name: str | None = None, **engine):
+        self.name = name or f"fastgen {policy}"
         self.llm = LLM(policy=policy, **engine)
         self.config = self.llm.engine.config
 

@@ -22,6 +22,7 @@ import torch
 from fastgen_compile import kernels
 from fastgen_compile.artifacts import default_root, file_identity
 from fastgen_compile.config import EngineConfig
+from fastgen_compile.engine import step_costs
 from fastgen_compile.engine.batch import Batch, pack, pick_bucket
 from fastgen_compile.engine.compiler import Compiler
 from fastgen_compile.engine.detokenizer import Detokenizer
@@ -31,6 +32,7 @@ from fastgen_compile.engine.runner import Runner
 from fastgen_compile.engine.sampler import Sampler, token_logprobs
 from fastgen_compile.engine.scheduler import Scheduler, StepPlan
 from fastgen_compile.engine.sequence import Sequence, Status
+from fastgen_compile.engine.step_costs import StepCosts
 from fastgen_compile.errors import RequestError
 from fastgen_compile.models.loader import check_path, embedded_model_path, load
 from fastgen_compile.models.quantize import quantize_model
@@ -52,6 +54,7 @@ class StepStats:
     prompt_tokens: int
     num_seqs: int
     seconds: float
+    predicted: float | None = None  # by the step costs, where the engine has them
 
 
 @dataclass(frozen=True)
@@ -85,7 +88,7 @@ class Engine:
                          and kernels.paged_decode_available(root))
         num_pages = c.num_pages(Runner.kv_bytes_per_token(args, c, decode_kernel), self.max_model_len)
         self.pages = PageManager(num_pages, c.page_size)
-        self.scheduler = Scheduler(self.pages, c.token_budget, c.max_seqs, c.policy, c.decode_rows)
+        self.scheduler = Scheduler(self.pages, c.buckets, c.max_seqs, c.policy, c.decode_rows)
         graph_cache = None
         if c.compile and c.graph_cache:
             graph_cache = GraphCache.for_engine(root, self.model_name, file_identity(path), args, c, num_pages, decode_kernel, self.quantization)
@@ -100,8 +103,11 @@ class Engine:
         self.step_stats: deque[StepStats] = deque(maxlen=STEP_HISTORY)
         self.num_steps = 0  # every step ever taken; step_stats keeps the newest
         self._stats_lock = threading.Lock()  # steps_since and snapshot copy step_stats on other threads
+        self.step_costs: StepCosts | None = None  # measured at warmup (or kept with the graphs)
         if c.compile and c.warmup:
             self.warmup()
+        elif graph_cache is not None and (saved := graph_cache.record(step_costs.RECORD)) is not None:
+            self._use_step_costs(StepCosts.from_json(saved))
 
     def _eos_token_ids(self) -> frozenset[int]:
         eos = getattr(self.hf_config, "eos_token_id", None)
@@ -111,8 +117,27 @@ class Engine:
         return frozenset(ids)
 
     def warmup(self) -> list[BucketWarmup]:
-        """Compile (or load from the graph cache) every bucket's forward now: see Compiler.warmup."""
-        return self.compiler.warmup(self.config.buckets, lambda bucket: self.runner.forward(self.pack(StepPlan(), bucket)))
+        """Compile (or load from the graph cache) every bucket's forward now (see Compiler.warmup),
+        then read or measure the step costs that size SplitFuse's steps."""
+        warmups = self.compiler.warmup(self.config.buckets, lambda bucket: self.runner.forward(self.pack(StepPlan(), bucket)))
+        cache = self.compiler.graph_cache
+        if cache is not None and (saved := cache.record(step_costs.RECORD)) is not None:
+            costs = StepCosts.from_json(saved)
+        else:
+            c = self.config
+            costs = step_costs.measure(lambda plan, bucket: self.runner.forward(self.pack(plan, bucket)), c.buckets, c.decode_rows,
+                                       c.max_seqs, c.page_size, self.pages.num_pages, self.max_model_len)
+            if cache is not None:
+                cache.save_record(step_costs.RECORD, costs.to_json(), warmups)
+        self._use_step_costs(costs)
+        return warmups
+
+    def _use_step_costs(self, costs: StepCosts) -> None:
+        """Predictions in the step stats; SplitFuse's SLA-aware budget unless itl_target_ms is 0."""
+        c = self.config
+        self.step_costs = costs
+        if c.itl_target_ms != 0 and c.policy == "splitfuse":
+            self.scheduler.use_costs(costs, None if c.itl_target_ms is None else c.itl_target_ms / 1e3, c.prompt_rate)
 
     # ---- requests --------------------------------------------------------------------
 
@@ -148,7 +173,7 @@ class Engine:
             raise RequestError(f"{need} exceeds the model's context of {self.max_model_len} tokens")
         if total > self.pages.capacity_tokens:
             raise RequestError(f"{need} exceeds the whole KV pool of {self.pages.capacity_tokens} tokens")
-        return Sequence(next(self._ids), ids, params, prompt=text)
+        return Sequence(next(self._ids), ids, params, prompt=text, arrival=time.perf_counter())
 
     def abort(self, request_id: int) -> None:
         self._inbox.put(("abort", request_id))
@@ -168,7 +193,7 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         """One forward pass over what the scheduler chose; returns every request's news."""
         outputs = self._drain_inbox()
-        plan = self.scheduler.schedule()
+        plan = self.scheduler.schedule(time.perf_counter())
         if not plan.chunks:
             return outputs
         t0 = time.perf_counter()
@@ -187,7 +212,8 @@ class Engine:
             self._record_logprobs(sampled, sampling, tokens)
             for seq, token in zip(sampling, tokens):
                 outputs.append(self._append_token(seq, token))
-        stats = StepStats(bucket, plan.num_decode_tokens, plan.num_tokens - plan.num_decode_tokens, len(plan.chunks), time.perf_counter() - t0)
+        predicted = self.step_costs.predict(bucket, plan.decode_keys, plan.prompt_keys) if self.step_costs else None
+        stats = StepStats(bucket, plan.num_decode_tokens, plan.num_tokens - plan.num_decode_tokens, len(plan.chunks), time.perf_counter() - t0, predicted)
         with self._stats_lock:
             self.step_stats.append(stats)
             self.num_steps += 1

@@ -25,8 +25,6 @@ import torch
 from fastgen_compile.artifacts import FORMAT, key, open_trusted, version, write_manifest
 from fastgen_compile.hardware import cpu_flags
 
-KERNEL_RECORD = "kernels.json"
-
 
 def device_capability(device: torch.device) -> str:
     """What compiled kernels are specific to: the GPU arch, or the CPU's vector ISA."""
@@ -81,15 +79,18 @@ class GraphCache:
         }
         return cls(root, f"{model_name}-{c.dtype}-{fields['device']}", fields)
 
-    def kernel_record(self) -> dict | None:
-        """The linear kernels measured for this key (models/linears.py), if the folder is trusted and has them."""
-        path = self.folder / KERNEL_RECORD
+    def record(self, name: str) -> dict | None:
+        """A measurement kept for this key (the linear kernels, the step costs), if the folder is trusted and has it."""
+        path = self.folder / name
         return json.loads(path.read_text()) if self.loaded and path.is_file() else None
 
-    def save_kernel_record(self, record: dict) -> None:
-        """Written before the graphs; the manifest, written after them, covers it."""
+    def save_record(self, name: str, record: dict, warmups: list[BucketWarmup] | None = None) -> None:
+        """Written before the graphs, the manifest written after them covers it; written after them
+        (warmups: what the manifest records), the manifest is written again."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        (self.folder / KERNEL_RECORD).write_text(json.dumps(record, indent=1) + "\n")
+        (self.folder / name).write_text(json.dumps(record, indent=1) + "\n")
+        if warmups is not None:
+            self.save(warmups)
 
     @contextlib.contextmanager
     def compiling(self) -> Iterator[None]:

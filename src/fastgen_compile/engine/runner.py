@@ -104,11 +104,11 @@ class Runner:
         if c.linear_kernel != "auto":
             return linears.forced(self.model, rows, c.linear_kernel, self.device, c.torch_dtype)
         cache = self.compiler.graph_cache
-        if cache is not None and (saved := cache.kernel_record()) is not None:
+        if cache is not None and (saved := cache.record(linears.RECORD)) is not None:
             return linears.KernelRecord.from_json(saved)
         record = linears.measure(self.model, rows, self.device, c.torch_dtype, bf16_activations=c.dtype_reason != "as asked")
         if cache is not None:
-            cache.save_kernel_record(record.to_json())
+            cache.save_record(linears.RECORD, record.to_json())
         return record
 
     @staticmethod

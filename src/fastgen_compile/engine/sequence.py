@@ -29,6 +29,7 @@ class Sequence:
     finish_reason: FinishReason | None = None
     text_state: TextState = field(default_factory=TextState)  # the output as text, and how much of it was handed out
     num_preemptions: int = 0
+    arrival: float = 0.0  # perf_counter seconds when the engine took it (its prompt deadline counts from here)
     logprobs: list[TokenLogprob] = field(default_factory=list)  # of each output token, when params.logprobs asks
     prompt_logprobs: list[TokenLogprob | None] = field(default_factory=lambda: [None])  # the first prompt token has none
 

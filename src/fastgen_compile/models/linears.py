@@ -31,6 +31,7 @@ from fastgen_compile.models.quantize import GROUP, QuantizedWeight
 from fastgen_compile.progress import progress_bar
 
 Weight = torch.Tensor | QuantizedWeight
+RECORD = "kernels.json"  # the measured choices, in the graph folder
 PASSES = 3  # timed passes over a shape's weights; the fastest counts (the machine is shared)
 # a candidate this many times slower than the best at some row count is not timed at larger ones:
 # a gap that wide never closed in our measurements (int4 with fp32 activations, 6-17x behind, would
