@@ -25,7 +25,8 @@ import torch
 # KV_PAGES holds every prompt of tests/test_equality.py at once (+24 new tokens each,
 # + the scratch page); test_equality asserts that, so a longer prompt set fails loudly.
 KV_PAGES = 128
-ENGINE_CONFIG = dict(dtype="float32", buckets=(16, 64), decode_rows=16, page_size=16, q_block=16, kv_pages=KV_PAGES, max_seqs=16, strict_recompiles=True)
+ENGINE_CONFIG = dict(dtype="float32", buckets=(16, 64), decode_rows=16, page_size=16, q_block=16, kv_pages=KV_PAGES, max_seqs=16, strict_recompiles=True,
+                     itl_target_ms=0)  # a fixed budget: step composition is deterministic (test_step_costs.py has the SLA-aware one)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -121,7 +122,7 @@ def wait_idle():
 # ---- the real server, a subprocess ------------------------------------------------------
 
 SERVER_FLAGS = ["--dtype", "float32", "--buckets", "16", "64", "--decode-rows", "16", "--page-size", "16", "--q-block", "16",
-                "--kv-pages", str(KV_PAGES), "--max-seqs", "16"]  # ENGINE_CONFIG as flags
+                "--kv-pages", str(KV_PAGES), "--max-seqs", "16", "--itl-target-ms", "0"]  # ENGINE_CONFIG as flags
 API_KEY = "test-key-123"
 
 

@@ -117,8 +117,8 @@ def test_greedy_matches_transformers(engine, request, hf_references, hf_tokenize
     scheduler = llm.engine.scheduler
     schedule = scheduler.schedule
 
-    def recording_schedule():
-        plan = schedule()
+    def recording_schedule(now: float = 0.0):
+        plan = schedule(now)
         if plan.chunks:
             plans.append([(c.seq.seq_id, c.start, c.num_tokens) for c in plan.chunks])
         return plan

@@ -192,8 +192,8 @@ def greedy_through_engine_step(engine: Engine, prompts: list[list[int]], max_new
     final, chunks = {}, {rid: [] for rid in rids}
     schedule = engine.scheduler.schedule
 
-    def recording_schedule():
-        plan = schedule()
+    def recording_schedule(now: float = 0.0):
+        plan = schedule(now)
         for c in plan.chunks:
             chunks[c.seq.seq_id].append((c.start, c.num_tokens))
         return plan

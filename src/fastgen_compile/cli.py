@@ -14,7 +14,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from fastgen_compile.config import EngineConfig, add_engine_flags, engine_overrides
+from fastgen_compile.engine import step_costs
 from fastgen_compile.engine.engine import Engine
+from fastgen_compile.engine.scheduler import StepPlan
 from fastgen_compile.entrypoints.console import ChatConsole
 from fastgen_compile.entrypoints.llm import LLM
 from fastgen_compile.errors import FastGenError
@@ -143,12 +145,34 @@ def cmd_warmup(args: argparse.Namespace) -> int:
         for shape, rows, kernel, timings in record.table():
             kernels.add_row(shape, str(rows), kernel, timings)
         out.print(kernels)
+    if engine.step_costs is not None:
+        print_step_costs(engine)
     cache = engine.compiler.graph_cache
     out.print(f"dtype {engine.config.dtype}: {escape(engine.config.dtype_reason)}")
     quantized = ", ".join(f"{part} {method}" for part, method in engine.quantization.items()) or "none"
     out.print(f"quantized: {quantized} (quantization={engine.config.quantization})")
     out.print(f"graphs in {escape(str(cache.folder))}; ready in {seconds:.1f} s" if cache else f"ready in {seconds:.1f} s")
     return 0
+
+
+def print_step_costs(engine: Engine) -> None:
+    """The measured curve, and the step size it gives one running decode beside a new prompt."""
+    costs, c, buckets = engine.step_costs, engine.config, engine.scheduler.buckets
+    one_decode = StepPlan(num_tokens=1, num_decode_tokens=1, decode_keys=256)
+    table = Table("bucket", "empty ms", "+ 1 decode, full prompt chunk: ms", "prompt tok/s", title="step costs, measured on this machine")
+    for b in buckets[1:]:
+        seconds = costs.with_prompt(buckets, one_decode, b - 1, b - 1)
+        table.add_row(str(b), f"{1e3 * costs.bucket_seconds[b]:.1f}", f"{1e3 * seconds:.1f}", f"{(b - 1) / seconds:.0f}")
+    out.print(table)
+    out.print(f"attention: {1e6 * costs.decode_key_seconds:.2f} µs per decode key, {1e6 * costs.prompt_key_seconds:.2f} µs per prompt token x key")
+    if c.policy != "splitfuse" or c.itl_target_ms == 0:
+        out.print(f"token budget: fixed, {engine.scheduler.token_budget} rows a step (policy {c.policy}, itl_target_ms={c.itl_target_ms})")
+    elif c.itl_target_ms is None:
+        k = costs.knee(buckets, one_decode, 0)
+        out.print(f"ITL cap: the knee, {k} prompt tokens beside one decode (the fewest with {step_costs.KNEE:.0%} of the best prompt "
+                  f"throughput, predicted {1e3 * costs.with_prompt(buckets, one_decode, k, k):.0f} ms); deadlines at {c.prompt_rate:g} prompt tok/s")
+    else:
+        out.print(f"ITL cap: itl_target_ms={c.itl_target_ms:g}; deadlines at {c.prompt_rate:g} prompt tok/s")
 
 
 def parser() -> argparse.ArgumentParser:

@@ -43,10 +43,12 @@ class EngineConfig:
     kv_memory_fraction: float = knob(0.1, "share of free memory for the KV pool, if neither kv_pages nor kv_bytes is given", type=float)
     policy: str = knob("splitfuse", "scheduling policy", choices=POLICIES)
     itl_target_ms: float | None = knob(None, "SplitFuse: while decodes run, each step's prompt chunk is sized so its predicted time stays within "
-                                             "this (step costs measured at warmup, engine/step_costs.py); default: 1.5x the decode-only step "
-                                             "of the running decodes; 0: every step may fill the largest bucket (a fixed budget)", type=float)
+                                             "this (step costs measured at warmup, engine/step_costs.py); default: the curve's knee, the smallest "
+                                             "chunk whose prompt throughput is 90% of the best; 0: every step may fill the largest bucket "
+                                             "(a fixed budget)", type=float)
     prompt_rate: float = knob(512.0, "prompt tokens/s owed to each prompt from its arrival (the paper's SLA): a prompt that would miss "
-                                     "that deadline under the ITL target gets a larger step if one still makes it; 0: no deadline", type=float)
+                                     "that deadline under the ITL cap gets a larger step if one still makes it, and while every prompt is on time "
+                                     "steps are no larger than that needs; 0: no deadline", type=float)
     quantization: str = knob("auto", "weight-only quantization of the linears and lm_head (CPU): int4 (groups of 32), int8 (per channel), "
                                      "none; auto: as the checkpoint stores them (a Q4_1 GGUF: int4), else none",
                              choices=["auto", "none", *METHODS])

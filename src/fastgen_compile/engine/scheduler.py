@@ -6,13 +6,16 @@ each forward pass carries about the same number of tokens. Prefill-first runs pr
 alone while decodes wait (the behaviour FastGen is compared against).
 
 With a step-cost curve (`use_costs`, engine/step_costs.py), SplitFuse sizes each step to its
-hardware: while decodes run, the prompt chunk is the most tokens whose predicted step time stays
-within an inter-token latency target (given, or by default 1.5x the decode-only step it replaces);
-with no decode waiting on the step, prompts take the whole budget. A prompt that would then miss
-its time-to-first-token deadline (arrival + prompt tokens / prompt_rate) gets the smallest larger
-bucket that still makes it, so its chunks are paced to the deadline rather than run flat out;
-if no bucket makes it, it keeps the target's chunk: the running decodes would pay for a deadline
-that is lost anyway.
+hardware. While decodes run, a step's prompt chunk is at most the ITL cap: the most tokens whose
+predicted step stays within an inter-token latency target, or by default the knee of the curve
+(StepCosts.knee: the smallest chunk whose prompt throughput is within KNEE of the best; where the
+curve is flat, as on a GPU, that is the whole budget; on a CPU whose steps cost in proportion to
+their rows, about a hundred tokens). With prompt deadlines (arrival + prompt tokens / prompt_rate),
+the chunk is the smallest that keeps every queued prompt on time, so steps are no larger than the
+SLA needs; above the cap only when that saves a deadline the cap would miss; the cap itself when
+no chunk saves it (the running decodes should not pay for a deadline that is lost anyway) or a
+prompt is already late (a smaller chunk would only add to its delay). With no decode waiting on
+the step, prompts take the whole budget.
 Plain Python bookkeeping: no torch.
 """
 
@@ -30,9 +33,8 @@ from fastgen_compile.engine.sequence import Sequence, Status
 if TYPE_CHECKING:
     from fastgen_compile.engine.step_costs import StepCosts
 
-# with no ITL target given: a step carrying prompt tokens may cost this many times the decode-only
-# step it replaces (so P95 inter-token latency stays within that of a schedule that never fuses)
-TARGET_OVER_DECODE_STEP = 1.5
+# deadlines are planned with this share of the time left: predictions miss the engine's own overhead
+DEADLINE_MARGIN = 0.9
 
 POLICIES = ("splitfuse", "prefill_first")  # EngineConfig checks the name
 
@@ -81,7 +83,7 @@ class Scheduler:
         self.token_budget = self.buckets[-1]
         self.decode_rows = decode_rows
         self.costs: StepCosts | None = None  # with itl_target: the SLA-aware budget (use_costs)
-        self.itl_target: float | None = None  # seconds; None: relative to the decode-only step
+        self.itl_target: float | None = None  # seconds; None: the knee of the curve
         self.prompt_rate = 0.0  # prompt tokens/s owed to each prompt from its arrival; 0: no deadline
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order; the newest is preempted first
@@ -96,8 +98,7 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def use_costs(self, costs: StepCosts, itl_target: float | None = None, prompt_rate: float = 0.0) -> None:
-        """SplitFuse steps sized by predicted time; itl_target (seconds) None: TARGET_OVER_DECODE_STEP
-        times the decode-only step of the running decodes."""
+        """SplitFuse steps sized by predicted time; itl_target (seconds) None: the curve's knee (StepCosts.knee)."""
         self.costs, self.itl_target, self.prompt_rate = costs, itl_target, prompt_rate
 
     def finish(self, seq: Sequence, reason: str) -> None:
@@ -133,31 +134,36 @@ class Scheduler:
 
     def _budget(self, plan: StepPlan, prefills: list[Sequence], now: float) -> int:
         """Rows this step may fill once its decodes are in (see the module docstring)."""
-        head = next((s for s in prefills if s.status is Status.RUNNING), self.waiting[0] if self.waiting else None)
-        if self.costs is None or not plan.num_decode_tokens or head is None:
+        queue = [s for s in prefills if s.status is Status.RUNNING] + list(self.waiting)
+        done = plan.num_tokens
+        fills = [b - done for b in self.buckets if b > done]  # prompt tokens each larger bucket has room for
+        if self.costs is None or not plan.num_decode_tokens or not queue or not fills:
             return self.token_budget
-        costs, done, at = self.costs, plan.num_tokens, head.num_computed
-        fits = [b for b in self.buckets if b >= done]
+        costs, at = self.costs, queue[0].num_computed
+        if self.itl_target is not None:
+            cap = max([self._most_within(costs, done + k, plan, at, self.itl_target) for k in fills] + [1])
+        else:
+            cap = costs.knee(self.buckets, plan, at)
+        if self.prompt_rate <= 0:
+            return done + cap
 
-        def seconds(n: int, end: float) -> float:
-            """A step with n more prompt tokens, their chunk ending at position `end`."""
-            return costs.predict(next(b for b in fits if b >= done + n), plan.decode_keys, plan.prompt_keys + int(n * end))
+        def deadline(s: Sequence) -> float:
+            """inf for a recomputed prompt: its first token is already out."""
+            return math.inf if s.output_token_ids else s.arrival + DEADLINE_MARGIN * len(s.prompt_token_ids) / self.prompt_rate
 
-        target = self.itl_target if self.itl_target is not None else TARGET_OVER_DECODE_STEP * seconds(0, 0)
-        within = [n for n in (self._most_within(costs, b, plan, at, target) for b in fits) if n > 0]
-        n = max(within, default=max(fits[0] - done, 1))  # none within: the decodes' own bucket's free rows
-        if self.prompt_rate <= 0 or head.output_token_ids:  # no deadline, or its first token is out
-            return done + n
-        time_left = head.arrival + len(head.prompt_token_ids) / self.prompt_rate - now
-        left = head.num_pending
+        def on_time(k: int) -> bool:
+            """Every queued prompt, in order, at chunks of k, makes its deadline."""
+            t = now
+            for s in queue:
+                left = s.num_pending
+                t += math.ceil(left / k) * costs.with_prompt(self.buckets, plan, k, s.num_computed + (left + k) / 2)
+                if t > deadline(s):
+                    return False
+            return True
 
-        def on_time(k: int) -> bool:  # at chunks of k, ending on average half way through what is left
-            return math.ceil(left / k) * seconds(k, at + (left + k) / 2) <= time_left
-
-        if left <= n or on_time(n):
-            return done + n
-        faster = [b - done for b in fits if b - done > n]
-        return done + next((k for k in faster if on_time(k)), n)  # none in time: the deadline is lost, the decodes keep theirs
+        if any(deadline(s) <= now for s in queue):
+            return done + cap  # a late prompt: a smaller chunk would only add to its delay
+        return done + next((k for k in sorted({*fills, cap}) if on_time(k)), cap)
 
     @staticmethod
     def _most_within(costs: StepCosts, bucket: int, plan: StepPlan, at: int, target: float) -> int:

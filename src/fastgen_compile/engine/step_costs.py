@@ -30,6 +30,8 @@ from fastgen_compile.progress import progress_bar
 from fastgen_compile.request import SamplingParams
 
 RECORD = "step_costs.json"
+# with no ITL target given, prompt chunks grow until the prompt throughput is this share of the best
+KNEE = 0.9
 REPEATS = 5  # timed forwards per point; the median counts (the machine is shared)
 LONG_CONTEXT = 1024  # keys per row in the attention measurements, where the pool holds that many
 STAND_IN_KV_IDS = 1 << 30  # owner tags of the measurement's sequences: no request's (they count from 0)
@@ -43,6 +45,18 @@ class StepCosts:
 
     def predict(self, bucket: int, decode_keys: int = 0, prompt_keys: int = 0) -> float:
         return self.bucket_seconds[bucket] + self.decode_key_seconds * decode_keys + self.prompt_key_seconds * prompt_keys
+
+    def with_prompt(self, buckets: tuple[int, ...], plan: StepPlan, k: int, end: float) -> float:
+        """The plan's step with k more prompt tokens, in a chunk ending at position `end` (buckets sorted)."""
+        bucket = next(b for b in buckets if b >= plan.num_tokens + k)
+        return self.predict(bucket, plan.decode_keys, plan.prompt_keys + int(k * end))
+
+    def knee(self, buckets: tuple[int, ...], plan: StepPlan, at: int) -> int:
+        """The fewest prompt tokens (a chunk from position `at`) whose throughput, tokens per predicted
+        step second, is within KNEE of the best any bucket gives the plan."""
+        fills = [b - plan.num_tokens for b in buckets if b > plan.num_tokens]
+        rates = [k / self.with_prompt(buckets, plan, k, at + k) for k in fills]
+        return next(k for k, r in zip(fills, rates) if r >= KNEE * max(rates))
 
     def to_json(self) -> dict:
         return {"bucket_seconds": {str(b): s for b, s in self.bucket_seconds.items()},
