@@ -44,7 +44,7 @@ class EngineConfig:
     policy: str = knob("splitfuse", "scheduling policy", choices=POLICIES)
     itl_target_ms: float | None = knob(None, "SplitFuse: while decodes run, each step's prompt chunk is sized so its predicted time stays within "
                                              "this (step costs measured at warmup, engine/step_costs.py); default: the curve's knee, the smallest "
-                                             "chunk whose prompt throughput is 90% of the best; 0: every step may fill the largest bucket "
+                                             "chunk with 0.9 of the best prompt throughput; 0: every step may fill the largest bucket "
                                              "(a fixed budget)", type=float)
     prompt_rate: float = knob(512.0, "prompt tokens/s owed to each prompt from its arrival (the paper's SLA): a prompt that would miss "
                                      "that deadline under the ITL cap gets a larger step if one still makes it, and while every prompt is on time "

@@ -33,9 +33,10 @@ from fastgen_compile.progress import progress_bar
 Weight = torch.Tensor | QuantizedWeight
 RECORD = "kernels.json"  # the measured choices, in the graph folder
 PASSES = 3  # timed passes over a shape's weights; the fastest counts (the machine is shared)
-# a candidate this many times slower than the best at some row count is not timed at larger ones:
-# a gap that wide never closed in our measurements (int4 with fp32 activations, 6-17x behind, would
-# take minutes at 288 rows), while narrower ones do reverse (oneDNN 2.5x behind int4 at 1 row wins from 8)
+# a candidate this many times slower than the best at some row count, and on one weight at the
+# largest, is not timed at larger ones (int4 with fp32 activations, 6-17x behind, would take minutes
+# at 288 rows). Gaps reverse between the ends: fp32 ATen 4.6x behind int4-bf16 at 2 rows wins at 288
+# on an AVX2-only EPYC, oneDNN 2.5x behind int4 at 1 row wins from 8 on an avx512_bf16 one.
 DROP_BEHIND = 4.0
 
 
@@ -167,15 +168,25 @@ def measure(model: Decoder, rows: list[int], device: torch.device, dtype: torch.
     work = [(s, r) for s in groups if len(timed[s]) > 1 for r in sorted(rows)]
     if not work:
         return KernelRecord(choices, micros)
+
+    def far_behind(found: dict[str, float]) -> set[str]:
+        return {name for name, t in found.items() if t >= DROP_BEHIND * min(found.values())}
+
     with progress_bar("measuring linear kernels") as bar:
         task = bar.add_task("", total=len(work))
+        behind_at_most: dict[str, set[str]] = {}
         for shape, r in work:
-            bar.update(task, description=f"{shape} at {r} rows")
             weights = groups[shape]
+            if shape not in behind_at_most:
+                bar.update(task, description=f"{shape} at {max(rows)} rows, one weight")
+                x = torch.randn(max(rows), dense(weights[0]).shape[1], dtype=dtype, device=device)
+                behind_at_most[shape] = far_behind({name: _time(KERNELS[name].fn, x, weights[:1]) for name in timed[shape]})
+            bar.update(task, description=f"{shape} at {r} rows")
             x = torch.randn(r, dense(weights[0]).shape[1], dtype=dtype, device=device)
             micros[shape][r] = found = {name: _time(KERNELS[name].fn, x, weights) for name in timed[shape]}
-            choices[shape][r] = best = min(found, key=found.get)
-            timed[shape] = [name for name in timed[shape] if found[name] < DROP_BEHIND * found[best]]
+            choices[shape][r] = min(found, key=found.get)
+            dropped = far_behind(found) & behind_at_most[shape]
+            timed[shape] = [name for name in timed[shape] if name not in dropped]
             bar.advance(task)
     return KernelRecord(choices, micros)
 
