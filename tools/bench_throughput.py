@@ -1,5 +1,6 @@
 """Offline throughput: fastgen-compile with the given settings (default: the defaults) and in the
-other dtypes, transformers' continuous batching in each dtype (the faster is the baseline), and
+other dtypes, transformers' continuous batching in each dtype (the faster is the baseline; a dtype
+whose measured matmul roof is under half the best's is skipped), and
 llama.cpp (llama-cpp-python, when installed; one sequence at a time) on the same workload, in one
 run. Prints a table with each row's share of the machine's compute roof and writes JSON.
 
@@ -121,11 +122,18 @@ def main() -> None:
     prompts = prompts_of_lengths(tok, lengths, args.seed)
 
     default_dtype = resolve_dtype(args.dtype, args.device)
-    other = args.other_dtypes if args.other_dtypes is not None else [d for d in DTYPES if d != default_dtype]
+    roofs = {d: in_subprocess(peak_flops, d) for d in DTYPES}
+    roof_dtype = max(roofs, key=roofs.get)
+    # a dtype whose matmuls run at a fraction of the best (bf16 emulated on a CPU without bf16
+    # instructions: 1 GFLOP/s against 144 in fp32) would take an hour and win nothing
+    usable = [d for d in DTYPES if roofs[d] >= 0.5 * roofs[roof_dtype]]
+    for d in sorted(set(DTYPES) - set(usable)):
+        print(f"{d}: skipped by default (its matmul roof here is {roofs[d] / 1e9:.0f} GFLOP/s against {roof_dtype}'s {roofs[roof_dtype] / 1e9:.0f})")
+    other = args.other_dtypes if args.other_dtypes is not None else [d for d in usable if d != default_dtype]
     systems = {"fastgen": lambda: run_fastgen(prompts, args.new_tokens, args)}
     systems |= {f"fastgen {d}": (lambda d=d: run_fastgen(prompts, args.new_tokens, args, dtype=d)) for d in other}
     if not args.skip_transformers:
-        systems |= {f"transformers CB {d}": (lambda d=d: in_subprocess(run_transformers, prompts, args.new_tokens, args, d)) for d in DTYPES}
+        systems |= {f"transformers CB {d}": (lambda d=d: in_subprocess(run_transformers, prompts, args.new_tokens, args, d)) for d in usable}
     if importlib.util.find_spec("llama_cpp") is None:
         print("llama.cpp: skipped (llama-cpp-python is not installed: pip install llama-cpp-python builds it from source)")
     elif not (args.model or embedded_model_path()).endswith(".gguf"):
@@ -139,8 +147,6 @@ def main() -> None:
     median = {name: sorted(rs, key=lambda r: r["seconds"])[(len(rs) - 1) // 2] for name, rs in runs.items() if rs}
     results = {name: r | {"all_seconds": [run["seconds"] for run in runs[name]]} for name, r in median.items()}
     prompt_tokens = sum(lengths)
-    roofs = {d: in_subprocess(peak_flops, d) for d in DTYPES}
-    roof_dtype = max(roofs, key=roofs.get)
     linear_weights, head_weights = in_subprocess(linear_sizes, args)
     for r in results.values():
         r["requests_per_s"] = args.requests / r["seconds"]

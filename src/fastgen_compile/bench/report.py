@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 
 from rich.console import Console
@@ -65,9 +66,13 @@ def ratio_table(name: str, rows: list[dict]) -> Table:
     for col in ("load", "P95 ITL", "P99 ITL", "P95 e2e", *(f"eff. thr. @{r}" for r in rates), "out tok/s"):
         t.add_column(col, justify="right")
     for r in rows:
-        t.add_row(r["load"], f"{r['p95_itl_lower_by']:.2f}x", f"{r['p99_itl_lower_by']:.2f}x", f"{r['p95_e2e_lower_by']:.2f}x",
-                  *(f"{v:.2f}x" for v in r["effective_throughput_x"].values()), f"{r['output_tok_per_s_x']:.2f}x")
+        t.add_row(r["load"], *(_times(r[k]) for k in ("p95_itl_lower_by", "p99_itl_lower_by", "p95_e2e_lower_by")),
+                  *(_times(v) for v in r["effective_throughput_x"].values()), _times(r["output_tok_per_s_x"]))
     return t
+
+
+def _times(x: float) -> str:
+    return "both 0" if math.isnan(x) else f"{x:.2f}x"
 
 
 def write(folder: str, settings: dict, results: list[dict], console: Console) -> None:

@@ -129,6 +129,7 @@ def main(args: argparse.Namespace) -> int:
 
     settings = {k: v for k, v in vars(args).items() if k != "run"} | {
         "model": args.model or "embedded SmolLM2-135M-Instruct", "device": (engine_config or {}).get("device", "cpu"),
+        "dtype": resolve_dtype(args.dtype, args.device),  # "auto" resolved: the plots' titles name what ran
         "torch": torch.__version__, "fastgen_compile": __version__, "machine": machine(engine_config["device"] if engine_config else "cpu"),
         "cpus": os.cpu_count(), "engine_config": engine_config, "sla": asdict(sla),
     }
