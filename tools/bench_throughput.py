@@ -128,7 +128,7 @@ def main() -> None:
     # instructions: 1 GFLOP/s against 144 in fp32) would take an hour and win nothing
     usable = [d for d in DTYPES if roofs[d] >= 0.5 * roofs[roof_dtype]]
     for d in sorted(set(DTYPES) - set(usable)):
-        print(f"{d}: skipped by default (its matmul roof here is {roofs[d] / 1e9:.0f} GFLOP/s against {roof_dtype}'s {roofs[roof_dtype] / 1e9:.0f})")
+        print(f"{d}: skipped by default (its matmul roof here is {roofs[d] / 1e9:.2g} GFLOP/s against {roof_dtype}'s {roofs[roof_dtype] / 1e9:.0f})")
     other = args.other_dtypes if args.other_dtypes is not None else [d for d in usable if d != default_dtype]
     systems = {"fastgen": lambda: run_fastgen(prompts, args.new_tokens, args)}
     systems |= {f"fastgen {d}": (lambda d=d: run_fastgen(prompts, args.new_tokens, args, dtype=d)) for d in other}
