@@ -292,8 +292,11 @@ def test_a_failing_engine_loop_fails_every_caller_instead_of_hanging(tiny_folder
         (dict(buckets=(32, 100), decode_rows=32, q_block=32), "decode_rows plus a multiple of q_block=32: \\[100\\]"),
         (dict(buckets=(8, 16), decode_rows=16, q_block=16), "must leave rows for prompts"),
         (dict(buckets=(0, 64), decode_rows=16, q_block=16), "positive token counts"),
+        (dict(page_size=8), "page_size must be >= 16 for the compiled CPU engine, got 8"),
     ],
 )
 def test_bad_bucket_configs_get_clear_errors(knobs, error):
     with pytest.raises(ConfigError, match=error):
         EngineConfig(**knobs)
+    if "page_size" in knobs:
+        EngineConfig(**knobs, compile=False)  # eager attention reads pages of 8 correctly (tests/test_model.py)

@@ -30,7 +30,7 @@ FRANCE, ITALY = "What is the capital of France?", "And of Italy?"
 def engine_flags(config: dict) -> list[str]:
     """The conftest engines' configuration as chat flags: the chat process reuses their compiled graphs (inductor's cache)."""
     flags = ["--dtype", config["dtype"], "--buckets", *map(str, config["buckets"])]
-    for knob in ("decode_rows", "page_size", "q_block", "kv_pages"):
+    for knob in ("decode_rows", "page_size", "q_block", "kv_pages", "itl_target_ms"):
         flags += [f"--{knob.replace('_', '-')}", str(config[knob])]
     return flags
 

@@ -20,8 +20,8 @@ from fastgen_compile.engine.graph_cache import GraphCache
 from tiny_llama import one_torch_thread, save_tiny_llama  # noqa: F401 (autouse fixture)
 
 # one bucket of a 2-layer model keeps each cold compile short; decode_rows=0: decodes share its rows
-KNOBS = dict(dtype="float32", buckets=[16], decode_rows=0, page_size=8, q_block=16, kv_pages=32, max_seqs=4)
-CLI_KNOBS = ["--dtype", "float32", "--buckets", "16", "--decode-rows", "0", "--page-size", "8", "--q-block", "16", "--kv-pages", "32"]
+KNOBS = dict(dtype="float32", buckets=[16], decode_rows=0, page_size=16, q_block=16, kv_pages=32, max_seqs=4)
+CLI_KNOBS = ["--dtype", "float32", "--buckets", "16", "--decode-rows", "0", "--page-size", "16", "--q-block", "16", "--kv-pages", "32"]
 PROMPTS = [[5, 17, 99, 300, 42], [7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24]]
 NEW_TOKENS = 6
 
@@ -69,7 +69,7 @@ def test_warmup_command_compiles_and_saves_with_a_manifest(warmed):
     assert key in stdout.replace("\n", "")
     assert [(c["bucket"], c["cache"]) for c in manifest["compiled"]] == [(16, "miss")]
     fields = manifest["fields"]
-    assert (fields["buckets"], fields["page_size"], fields["decode_rows"], fields["q_block"], fields["kv_pages"]) == ([16], 8, 0, 16, 32)
+    assert (fields["buckets"], fields["page_size"], fields["decode_rows"], fields["q_block"], fields["kv_pages"]) == ([16], 16, 0, 16, 32)
     assert fields["torch"] == torch.__version__ and fields["dtype"] == "float32" and fields["device"] == "cpu"
     assert any(name.startswith("inductor/") for name in manifest["files"])
 
@@ -161,7 +161,7 @@ def test_the_key_covers_every_knob_that_changes_the_graphs(tmp_path):
         folder(kv_dtype="bfloat16"),
         folder(buckets=(16, 32)),
         folder(decode_rows=0),
-        folder(page_size=8),
+        folder(page_size=32),
         folder(q_block=32, buckets=(16, 48)),
         folder(decode_kernel=False),  # asked for but not built: decode rows run FlexAttention
         folder(quantized={"layers": "int4"}),  # what was quantized, not the knob: auto follows the checkpoint

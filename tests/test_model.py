@@ -32,6 +32,7 @@ from fastgen_compile.engine import engine as engine_module
 from fastgen_compile.engine.batch import pick_bucket
 from fastgen_compile.engine.engine import Engine
 from fastgen_compile.engine.sequence import Sequence
+from fastgen_compile.models import packed
 from fastgen_compile.request import SamplingParams
 from tiny_llama import VOCAB, one_torch_thread, save_tiny, save_tiny_gguf, tiny_config  # noqa: F401 (autouse fixture)
 
@@ -292,7 +293,7 @@ COMPILED = ["llama-tied-llama3-rope", "mistral-window-12", "qwen2", "phi3-longro
 def test_compiled_matches(name, tmp_path):
     """compile=True (per-bucket torch.compile of the layer with FlexAttention), one bucket:
     prefill + chunk + decodes teacher-forced, then greedy generation of split and fused prompts."""
-    tiny = make_tiny(tmp_path, name, compile=True, buckets=(16,))
+    tiny = make_tiny(tmp_path, name, compile=True, buckets=(16,), page_size=16)  # (pages of 8: EngineConfig refuses, MIN_CPU_COMPILED_PAGE)
     assert tiny.engine.compiler.warm and tiny.engine.compiler.graphs_compiled == 1
     a = Request(random_ids(12 + 8, seed=11), prompt_len=12)
     b = Request(random_ids(9 + 5, seed=12), prompt_len=9, add_at_step=1)  # 12 + 9 > 16: chunked beside a decode
@@ -412,6 +413,7 @@ def test_step_stats_keep_the_newest_steps_and_count_them_all(tmp_path, monkeypat
     assert (snap.running, snap.waiting, snap.pages_used, snap.pages_free) == (0, 0, 0, engine.pages.num_pages - 1)
 
 
+@pytest.mark.skipif(not packed.available(torch.device("cpu"), torch.bfloat16), reason="needs oneDNN with bf16 support on this CPU")
 def test_packed_linears_give_the_plain_linears_logits(tmp_path):
     """bf16 on CPU runs the linears on weights packed once for oneDNN (models/packed.py): the
     same logits as F.linear's engine up to bf16 rounding, on a prefill, a chunk and decodes."""

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from fastgen_compile.models import packed
 
-pytestmark = pytest.mark.skipif(not packed.available(torch.device("cpu"), torch.bfloat16), reason="needs oneDNN (mkldnn) on CPU")
+pytestmark = pytest.mark.skipif(not packed.available(torch.device("cpu"), torch.bfloat16), reason="needs oneDNN bf16 on this CPU")
 
 
 def holder(*weights: torch.Tensor) -> SimpleNamespace:

@@ -23,6 +23,10 @@ def knob(default, help: str, **flag):
     return field(default=default, metadata={"help": help, "flag": flag})
 
 
+# measured on an AVX2-only EPYC: pages of 8 give wrong decode attention once compiled, 16 is exact
+MIN_CPU_COMPILED_PAGE = 16
+
+
 @dataclass
 class EngineConfig:
     model: str | None = knob(None, "HF folder (config.json + *.safetensors) or .gguf file; default: the embedded SmolLM2-135M-Instruct")
@@ -92,6 +96,9 @@ class EngineConfig:
             raise ConfigError(f"layers_per_graph must be >= 1, got {self.layers_per_graph}")
         if self.page_size < 1 or self.max_seqs < 1:
             raise ConfigError("page_size and max_seqs must be >= 1")
+        if self.compile and torch.device(self.device).type == "cpu" and self.page_size < MIN_CPU_COMPILED_PAGE:
+            raise ConfigError(f"page_size must be >= {MIN_CPU_COMPILED_PAGE} for the compiled CPU engine, got {self.page_size}: torch 2.13's "
+                              "compiled CPU FlexAttention reads KV blocks of 8 wrongly on AVX2-only CPUs (decode logits off by ~10)")
 
     def _check_kernels(self) -> None:
         cpu = torch.device(self.device).type == "cpu"

@@ -20,7 +20,8 @@ _packed: dict[tuple[int, torch.Size], torch.Tensor] = {}  # plain weight (addres
 
 
 def available(device: torch.device, dtype: torch.dtype) -> bool:
-    return device.type == "cpu" and dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
+    """oneDNN's bf16 linears need avx512bw/vl/dq or avx_ne_convert; an AVX2-only CPU has neither."""
+    return device.type == "cpu" and dtype == torch.bfloat16 and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def pack(model: Decoder) -> None:
