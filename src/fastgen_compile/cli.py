@@ -5,6 +5,7 @@ instead of compiling, `bench` measures serving."""
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 from collections import Counter
@@ -126,6 +127,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_chat(args: argparse.Namespace) -> int:
     params = sampling_params(args)  # bad values fail before the model loads
+    # Ctrl-C stops an answer (KeyboardInterrupt), even where a shell without job control started us
+    # in the background and so left SIGINT ignored, which Python then keeps
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     with open_llm(args) as llm:
         ChatConsole(llm, out, params, args.system, live=out.is_terminal and not args.plain).run(args.script)
     return 0
