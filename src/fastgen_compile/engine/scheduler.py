@@ -134,11 +134,13 @@ class Scheduler:
 
     def _budget(self, plan: StepPlan, prefills: list[Sequence], now: float) -> int:
         """Rows this step may fill once its decodes are in (see the module docstring)."""
-        queue = [s for s in prefills if s.status is Status.RUNNING] + list(self.waiting)
         done = plan.num_tokens
-        fills = [b - done for b in self.buckets if b > done]  # prompt tokens each larger bucket has room for
-        if self.costs is None or not plan.num_decode_tokens or not queue or not fills:
+        if self.costs is None or not plan.num_decode_tokens or done >= self.token_budget:
+            return self.token_budget  # (before the queue is copied: this runs every step)
+        queue = [s for s in prefills if s.status is Status.RUNNING] + list(self.waiting)
+        if not queue:
             return self.token_budget
+        fills = [b - done for b in self.buckets if b > done]  # prompt tokens each larger bucket has room for
         costs, at = self.costs, queue[0].num_computed
         if self.itl_target is not None:
             cap = max([self._most_within(costs, done + k, plan, at, self.itl_target) for k in fills] + [1])
@@ -147,22 +149,22 @@ class Scheduler:
         if self.prompt_rate <= 0:
             return done + cap
 
-        def deadline(s: Sequence) -> float:
-            """inf for a recomputed prompt: its first token is already out."""
-            return math.inf if s.output_token_ids else s.arrival + DEADLINE_MARGIN * len(s.prompt_token_ids) / self.prompt_rate
+        # inf for a recomputed prompt: its first token is already out
+        deadlines = [math.inf if s.output_token_ids else s.arrival + DEADLINE_MARGIN * len(s.prompt_token_ids) / self.prompt_rate
+                     for s in queue]
+        if min(deadlines) <= now:
+            return done + cap  # a late prompt: a smaller chunk would only add to its delay
 
         def on_time(k: int) -> bool:
             """Every queued prompt, in order, at chunks of k, makes its deadline."""
             t = now
-            for s in queue:
+            for s, deadline in zip(queue, deadlines):
                 left = s.num_pending
                 t += math.ceil(left / k) * costs.with_prompt(self.buckets, plan, k, s.num_computed + (left + k) / 2)
-                if t > deadline(s):
+                if t > deadline:
                     return False
             return True
 
-        if any(deadline(s) <= now for s in queue):
-            return done + cap  # a late prompt: a smaller chunk would only add to its delay
         return done + next((k for k in sorted({*fills, cap}) if on_time(k)), cap)
 
     @staticmethod
