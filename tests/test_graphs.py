@@ -119,11 +119,11 @@ def test_partial_stale_and_corrupt_folders_are_told_apart(tmp_path, caplog):
 
 
 def test_an_unusable_folder_is_logged_once_and_wiped(tmp_path, caplog):
-    cache = GraphCache(tmp_path, "m", {"x": 1})
+    cache = GraphCache(tmp_path, "m", {"x": 1}).open()
     cache.folder.mkdir(parents=True)
     (cache.folder / "leftover.py").write_text("half a graph")
     with caplog.at_level(logging.WARNING, logger="fastgen_compile.graphs"):
-        again = GraphCache(tmp_path, "m", {"x": 1})
+        again = GraphCache(tmp_path, "m", {"x": 1}).open()
     assert not again.loaded and not again.folder.exists()
     (record,) = caplog.records
     assert record.getMessage() == f"the compiled-graph cache in {again.folder} is unusable (partial: no manifest (an interrupted compile?)); rebuilding it"

@@ -102,7 +102,7 @@ def test_measure_keeps_the_fastest_candidate_per_shape_and_rows(tiny_engine):
 
 def test_the_record_is_kept_with_the_graphs_and_not_reused_on_another_cpu(tmp_path, monkeypatch):
     def cache() -> GraphCache:
-        return GraphCache(tmp_path, "m", {"capability": graph_cache.device_capability(torch.device("cpu"))})
+        return GraphCache(tmp_path, "m", {"capability": graph_cache.device_capability(torch.device("cpu"))}).open()
 
     first = cache()
     assert first.record(linears.RECORD) is None

@@ -125,7 +125,7 @@ def test_without_a_curve_the_budget_is_fixed():
 
 def test_the_curve_is_kept_with_the_graphs_and_not_reused_on_another_cpu(tmp_path, monkeypatch):
     def cache() -> GraphCache:
-        return GraphCache(tmp_path, "m", {"capability": graph_cache.device_capability(torch.device("cpu"))})
+        return GraphCache(tmp_path, "m", {"capability": graph_cache.device_capability(torch.device("cpu"))}).open()
 
     costs = StepCosts({16: 0.004, 64: 0.011}, 1e-7, 2e-7)
     first = cache()

@@ -8,6 +8,8 @@ All of them live under one root (`default_root`). No torch here.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import importlib.metadata
 import json
@@ -15,6 +17,7 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -112,3 +115,17 @@ def open_trusted(folder: Path, fields: dict, what: str) -> bool:
     log.warning("%s in %s is unusable (%s); rebuilding it", what, folder, why)
     shutil.rmtree(folder, ignore_errors=True)
     return False
+
+
+@contextlib.contextmanager
+def exclusive(folder: Path, what: str) -> Iterator[None]:
+    """One process at a time checks and builds folder (replicas sharing graphs/): the others wait
+    here, then find it built. The lock is folder's name + .lock, beside it."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.with_name(folder.name + ".lock"), "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.warning("waiting for another process building %s in %s", what, folder)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        yield  # closing the file releases the lock

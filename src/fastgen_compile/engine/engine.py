@@ -6,6 +6,7 @@ thread that calls `step` owns all other state.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import queue
@@ -89,11 +90,6 @@ class Engine:
         num_pages = c.num_pages(Runner.kv_bytes_per_token(args, c, decode_kernel), self.max_model_len)
         self.pages = PageManager(num_pages, c.page_size)
         self.scheduler = Scheduler(self.pages, c.buckets, c.max_seqs, c.policy, c.decode_rows)
-        graph_cache = None
-        if c.compile and c.graph_cache:
-            graph_cache = GraphCache.for_engine(root, self.model_name, file_identity(path), args, c, num_pages, decode_kernel, self.quantization)
-        self.compiler = Compiler(c.compile, device, graph_cache, c.strict_recompiles)
-        self.runner = Runner(self.model, c, num_pages, self.max_model_len, self.compiler, decode_kernel)
         self.sampler = Sampler()
         self.detokenizer = Detokenizer(self.tokenizer)
         self.eos_token_ids = self._eos_token_ids()
@@ -104,10 +100,18 @@ class Engine:
         self.num_steps = 0  # every step ever taken; step_stats keeps the newest
         self._stats_lock = threading.Lock()  # steps_since and snapshot copy step_stats on other threads
         self.step_costs: StepCosts | None = None  # measured at warmup (or kept with the graphs)
-        if c.compile and c.warmup:
-            self.warmup()
-        elif graph_cache is not None and (saved := graph_cache.record(step_costs.RECORD)) is not None:
-            self._use_step_costs(StepCosts.from_json(saved))
+        graph_cache = None
+        if c.compile and c.graph_cache:
+            graph_cache = GraphCache.for_engine(root, self.model_name, file_identity(path), args, c, num_pages, decode_kernel, self.quantization)
+        with graph_cache.exclusive() if graph_cache else contextlib.nullcontext():  # from reading the graphs to saving them
+            if graph_cache is not None:
+                graph_cache.open()
+            self.compiler = Compiler(c.compile, device, graph_cache, c.strict_recompiles)
+            self.runner = Runner(self.model, c, num_pages, self.max_model_len, self.compiler, decode_kernel)
+            if c.compile and c.warmup:
+                self.warmup()
+            elif graph_cache is not None and (saved := graph_cache.record(step_costs.RECORD)) is not None:
+                self._use_step_costs(StepCosts.from_json(saved))
 
     def _eos_token_ids(self) -> frozenset[int]:
         eos = getattr(self.hf_config, "eos_token_id", None)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from fastgen_compile.artifacts import FORMAT, key, open_trusted, version, write_manifest
+from fastgen_compile.artifacts import FORMAT, exclusive, key, open_trusted, version, write_manifest
 from fastgen_compile.hardware import cpu_flags
 
 
@@ -46,9 +46,30 @@ class GraphCache:
     """The compile artifacts of one engine shape: graphs/<key>/ (inductor's caches) + manifest.json."""
 
     def __init__(self, root: Path, name: str, fields: dict):
+        """Not read yet: `open` it inside `exclusive`."""
         self.fields = {"format": FORMAT, **fields}
         self.folder = Path(root) / key(name, self.fields)
+        self.loaded = False
+        self._held = False  # this process holds the folder's lock
+
+    def open(self) -> GraphCache:
+        """Reads whether the folder holds trusted graphs (`loaded`); a partial, stale or corrupt one is wiped."""
         self.loaded = open_trusted(self.folder, self.fields, "the compiled-graph cache")
+        return self
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Held from open through warmup and for every save, so two processes warming the same
+        key (replicas on one machine) compile once: the second waits, then loads (re-entrant)."""
+        if self._held:
+            yield
+            return
+        with exclusive(self.folder, "the compiled-graph cache"):
+            self._held = True
+            try:
+                yield
+            finally:
+                self._held = False
 
     @classmethod
     def for_engine(cls, root: Path, model_name: str, model_files: list, args, config, num_pages: int, decode_kernel: bool,
@@ -87,10 +108,11 @@ class GraphCache:
     def save_record(self, name: str, record: dict, warmups: list[BucketWarmup] | None = None) -> None:
         """Written before the graphs, the manifest written after them covers it; written after them
         (warmups: what the manifest records), the manifest is written again."""
-        self.folder.mkdir(parents=True, exist_ok=True)
-        (self.folder / name).write_text(json.dumps(record, indent=1) + "\n")
-        if warmups is not None:
-            self.save(warmups)
+        with self.exclusive():
+            self.folder.mkdir(parents=True, exist_ok=True)
+            (self.folder / name).write_text(json.dumps(record, indent=1) + "\n")
+            if warmups is not None:
+                self.save(warmups)
 
     @contextlib.contextmanager
     def compiling(self) -> Iterator[None]:
@@ -110,6 +132,7 @@ class GraphCache:
                     os.environ[name] = value
 
     def save(self, warmups: list[BucketWarmup]) -> dict:
-        manifest = write_manifest(self.folder, self.fields, compiled=[asdict(w) for w in warmups])
+        with self.exclusive():
+            manifest = write_manifest(self.folder, self.fields, compiled=[asdict(w) for w in warmups])
         self.loaded = True
         return manifest

@@ -49,6 +49,19 @@ class AsyncLLM:
         ids = self.loop.submit(list(prompts), sampling_params, [sink_of(i) for i in range(len(prompts))])
         return RequestStreams(ids, self._follow(ids, queue))
 
+    async def submit(self, prompts: Seq[Prompt], sampling_params: Seq[SamplingParams]) -> RequestStreams:
+        """generate_many as a server's backend calls it (serving/service.py)."""
+        return self.generate_many(prompts, sampling_params)
+
+    @property
+    def num_waiting(self) -> int:
+        return self.engine.num_waiting
+
+    @property
+    def stopped(self) -> str | None:
+        """Why this cannot serve, if it cannot."""
+        return None if self.loop.alive else "the engine stopped; see the server's log"
+
     async def generate(self, prompts: Seq[Prompt], sampling_params: SamplingParams | Seq[SamplingParams] | None = None) -> list[RequestOutput]:
         """Every prompt at once (all valid, or none runs); the final outputs, in prompt order."""
         return await self.generate_many(prompts, sampling_params).finals()
@@ -85,6 +98,7 @@ class RequestStreams:
 
     request_ids: list[int]
     outputs: AsyncIterator[tuple[int, RequestOutput]]
+    replicas: tuple[str, ...] = ()  # the Ray Serve replicas serving them, where there are replicas
 
     def __aiter__(self) -> RequestStreams:
         return self

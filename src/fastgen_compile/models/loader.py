@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fastgen_compile.artifacts import FORMAT, file_identity, key, open_trusted, version, write_manifest
+from fastgen_compile.artifacts import FORMAT, exclusive, file_identity, key, open_trusted, version, write_manifest
 from fastgen_compile.errors import ModelLoadError
 from fastgen_compile.models.decoder import Decoder, ModelArgs, layer_shapes, top_shapes
 from fastgen_compile.models.registry import Family, Names, resolve
@@ -222,16 +222,17 @@ def prepared_gguf(root: Path, path: str, dtype: torch.dtype) -> Path:
     """A trusted HF-folder copy of a GGUF checkpoint in `dtype` under root/models/ (built now if missing or bad)."""
     fields = {"format": FORMAT, "gguf": os.path.realpath(path), "file": file_identity(path), "dtype": str(dtype), "transformers": version("transformers")}
     folder = Path(root) / "models" / key(Path(path).stem, fields)
-    if not open_trusted(folder, fields, "the prepared model"):
-        tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        try:
-            prepare_gguf(path, dtype, tmp)
-            write_manifest(tmp, fields, source=os.path.realpath(path))
-            shutil.rmtree(folder, ignore_errors=True)
-            tmp.rename(folder)
-        finally:
+    with exclusive(folder, "the prepared model"):
+        if not open_trusted(folder, fields, "the prepared model"):
+            tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
             shutil.rmtree(tmp, ignore_errors=True)
+            try:
+                prepare_gguf(path, dtype, tmp)
+                write_manifest(tmp, fields, source=os.path.realpath(path))
+                shutil.rmtree(folder, ignore_errors=True)
+                tmp.rename(folder)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 

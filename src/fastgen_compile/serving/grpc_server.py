@@ -52,7 +52,7 @@ class TextGeneration(pb_grpc.TextGenerationServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "prompts must not be empty")
         try:
             params = sampling_params(request.sampling)
-            outputs = service.generate(list(request.prompts), [params] * len(request.prompts))
+            outputs = await service.generate(list(request.prompts), [params] * len(request.prompts))
         except tuple(STATUS_OF) as e:
             await context.abort(next(code for kind, code in STATUS_OF.items() if isinstance(e, kind)), str(e))
         self.running[call_id] = outputs.request_ids
@@ -83,8 +83,7 @@ class TextGeneration(pb_grpc.TextGenerationServicer):
         ids, service = self.running.get(request.request_id), self.get_service()
         if ids is None or service is None:
             return pb.AbortReply(aborted=False)
-        for rid in ids:  # finished ones are no-ops
-            service.llm.abort(rid)
+        service.abort(ids)
         return pb.AbortReply(aborted=True)
 
 

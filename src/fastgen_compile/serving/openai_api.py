@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import hmac
 import json
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -29,6 +29,7 @@ from fastgen_compile.serving.responses import Reply, new_logprobs, usage
 from fastgen_compile.serving.service import Draining, Overloaded, Service
 
 M = TypeVar("M", bound=BaseModel)
+REPLICA_HEADER = "x-fastgen-replica"
 
 
 @dataclass
@@ -39,6 +40,7 @@ class ServerState:
     api_key: str | None = None
     max_body_bytes: int = 8 * 1024 * 1024
     service: Service | None = None
+    health_details: Callable[[], dict] = dict  # more for /health (Ray Serve: the replicas running)
 
 
 class ApiError(Exception):
@@ -57,10 +59,8 @@ def unavailable(state: ServerState) -> ApiError | None:
     """Why /v1/* cannot be served now, if it cannot."""
     if state.service is None:
         return ApiError(503, "the model is still loading", "server_error")
-    if state.service.draining:
-        return ApiError(503, "the server is shutting down", "server_error")
-    if not state.service.llm.loop.alive:
-        return ApiError(503, "the engine stopped; see the server's log", "server_error")
+    if (problem := state.service.problem()) is not None:
+        return ApiError(503, problem, "server_error")
     return None
 
 
@@ -134,7 +134,7 @@ async def unless_disconnected(request: Request, work: Awaitable) -> object:
     return None
 
 
-def sse(events: AsyncIterator[dict]) -> StreamingResponse:
+def sse(events: AsyncIterator[dict], headers: dict[str, str]) -> StreamingResponse:
     """Server-sent events, one line of JSON each, then [DONE]; an engine failure mid-stream becomes an error event."""
 
     async def lines() -> AsyncIterator[str]:
@@ -145,7 +145,7 @@ def sse(events: AsyncIterator[dict]) -> StreamingResponse:
             yield f"data: {json.dumps({'error': {'message': str(e), 'type': 'server_error', 'param': None, 'code': None}})}\n\n"
         yield "data: [DONE]\n\n"
 
-    return StreamingResponse(lines(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    return StreamingResponse(lines(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", **headers})
 
 
 def build_app(state: ServerState) -> FastAPI:
@@ -161,9 +161,13 @@ def build_app(state: ServerState) -> FastAPI:
         if name is not None and name != state.model_name:
             raise ApiError(404, f"the model `{name}` does not exist; this server serves `{state.model_name}`", "not_found_error", "model", "model_not_found")
 
-    def start(prompts: list[str | list[int]], body: Sampling, params) -> RequestStreams:
+    async def start(prompts: list[str | list[int]], body: Sampling, params) -> RequestStreams:
         """Submit every choice of every prompt: choice k is prompt k // n."""
-        return service().generate([p for p in prompts for _ in range(body.n)], params)
+        return await service().generate([p for p in prompts for _ in range(body.n)], params)
+
+    def served_by(outputs: RequestStreams) -> dict[str, str]:
+        """The replicas that served a response (Ray Serve), in a header."""
+        return {REPLICA_HEADER: ",".join(dict.fromkeys(outputs.replicas))} if outputs.replicas else {}
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, e: ApiError) -> JSONResponse:
@@ -193,8 +197,8 @@ def build_app(state: ServerState) -> FastAPI:
     @app.get("/health")
     async def health() -> Response:
         s = state.service
-        status = "starting" if s is None else "draining" if s.draining else "ok" if s.llm.loop.alive else "dead"
-        return JSONResponse({"status": status}, status_code=200 if status == "ok" else 503)
+        status = "starting" if s is None else "draining" if s.draining else "ok" if s.backend.stopped is None else "dead"
+        return JSONResponse({"status": status, **state.health_details()}, status_code=200 if status == "ok" else 503)
 
     @app.get("/version")
     async def version() -> dict:
@@ -208,37 +212,37 @@ def build_app(state: ServerState) -> FastAPI:
 
     @app.get("/v1/models")
     async def models() -> dict:
-        engine = service().engine
-        card = {"id": state.model_name, "object": "model", "created": 0, "owned_by": "fastgen-compile", "root": engine.model_name,
-                "max_model_len": engine.max_model_len}
+        model = service().card
+        card = {"id": state.model_name, "object": "model", "created": 0, "owned_by": "fastgen-compile", "root": model.name,
+                "max_model_len": model.max_model_len}
         return {"object": "list", "data": [card]}
 
     @app.post("/tokenize")
     async def tokenize(request: Request) -> dict:
         body = await read_body(request, TokenizeRequest, state.max_body_bytes)
         check_model(body.model)
-        engine = service().engine
+        model = service().card
         if (body.prompt is None) == (body.messages is None):
             raise ApiError(400, "give exactly one of prompt and messages", param="prompt")
-        text = body.prompt if body.messages is None else chat_text(engine.tokenizer, body.messages)
-        tokens = engine.tokenizer.encode(text, add_special_tokens=body.add_special_tokens)
-        return {"count": len(tokens), "max_model_len": engine.max_model_len, "tokens": tokens}
+        text = body.prompt if body.messages is None else chat_text(model.tokenizer, body.messages)
+        tokens = model.tokenizer.encode(text, add_special_tokens=body.add_special_tokens)
+        return {"count": len(tokens), "max_model_len": model.max_model_len, "tokens": tokens}
 
     @app.post("/detokenize")
     async def detokenize(request: Request) -> dict:
         body = await read_body(request, DetokenizeRequest, state.max_body_bytes)
         check_model(body.model)
-        engine = service().engine
-        if any(not 0 <= t < engine.model.args.vocab_size for t in body.tokens):
-            raise ApiError(400, f"tokens must be in [0, {engine.model.args.vocab_size})", param="tokens")
-        return {"prompt": engine.tokenizer.decode(body.tokens)}
+        model = service().card
+        if any(not 0 <= t < model.vocab_size for t in body.tokens):
+            raise ApiError(400, f"tokens must be in [0, {model.vocab_size})", param="tokens")
+        return {"prompt": model.tokenizer.decode(body.tokens)}
 
     @app.get("/tokenizer_info")
     async def tokenizer_info() -> dict:
-        engine = service().engine
-        tok = engine.tokenizer
-        return {"tokenizer_class": type(tok).__name__, "vocab_size": engine.model.args.vocab_size, "max_model_len": engine.max_model_len,
-                "bos_token": tok.bos_token, "eos_token": tok.eos_token, "pad_token": tok.pad_token, "eos_token_ids": sorted(engine.eos_token_ids),
+        model = service().card
+        tok = model.tokenizer
+        return {"tokenizer_class": type(tok).__name__, "vocab_size": model.vocab_size, "max_model_len": model.max_model_len,
+                "bos_token": tok.bos_token, "eos_token": tok.eos_token, "pad_token": tok.pad_token, "eos_token_ids": sorted(model.eos_token_ids),
                 "chat_template": tok.chat_template}
 
     @app.post("/v1/completions")
@@ -250,9 +254,9 @@ def build_app(state: ServerState) -> FastAPI:
             raise ApiError(400, "prompt must not be empty", param="prompt")
         top = body.logprobs
         params = [body.params(body.max_tokens, k, top, top if body.echo else None) for _ in prompts for k in range(body.n)]
-        outputs = start(prompts, body, params)
+        outputs = await start(prompts, body, params)
         reply = Reply(state.model_name, service().texts, "text_completion")
-        tokenizer = service().engine.tokenizer
+        tokenizer = service().card.tokenizer
 
         def echoed(out: RequestOutput) -> tuple[str, dict | None]:
             """The prompt's text and logprobs, which an echo puts before the first generated text."""
@@ -278,7 +282,7 @@ def build_app(state: ServerState) -> FastAPI:
                     prompt_text, prompt_lp = echoed(out)
                     text, lp = prompt_text + text, joined(prompt_lp, lp)
                 choices.append({"index": k, "text": text, "logprobs": lp, "finish_reason": out.finish_reason})
-            return JSONResponse(reply.body(choices, request_usage(last, body.n)))
+            return JSONResponse(reply.body(choices, request_usage(last, body.n)), headers=served_by(outputs))
 
         async def events() -> AsyncIterator[dict]:
             last: list[RequestOutput | None] = [None] * len(params)
@@ -297,18 +301,18 @@ def build_app(state: ServerState) -> FastAPI:
             if body.include_usage:
                 yield reply.body([], request_usage(last, body.n))
 
-        return sse(events())
+        return sse(events(), served_by(outputs))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         body = await read_body(request, ChatRequest, state.max_body_bytes)
         check_model(body.model)
-        engine = service().engine
-        prompt = engine.tokenizer.encode(chat_text(engine.tokenizer, body.messages))
-        room = min(engine.max_model_len, engine.pages.capacity_tokens) - len(prompt)
+        model = service().card
+        prompt = model.tokenizer.encode(chat_text(model.tokenizer, body.messages))
+        room = min(model.max_model_len, model.capacity_tokens) - len(prompt)
         max_tokens = body.max_completion_tokens or body.max_tokens or max(room, 1)
         params = [body.params(max_tokens, k, body.token_logprobs) for k in range(body.n)]
-        outputs = start([prompt], body, params)
+        outputs = await start([prompt], body, params)
         reply = Reply(state.model_name, service().texts, "chat.completion")
         wants_logprobs = body.token_logprobs is not None
 
@@ -319,7 +323,7 @@ def build_app(state: ServerState) -> FastAPI:
             choices = [{"index": k, "message": {"role": "assistant", "content": out.text},
                         "logprobs": reply.chat_logprobs(out.logprobs) if wants_logprobs else None, "finish_reason": out.finish_reason}
                        for k, out in enumerate(last)]
-            return JSONResponse(reply.body(choices, request_usage(last, body.n)))
+            return JSONResponse(reply.body(choices, request_usage(last, body.n)), headers=served_by(outputs))
 
         async def events() -> AsyncIterator[dict]:
             for k in range(len(params)):  # the role first, as OpenAI sends it
@@ -337,7 +341,7 @@ def build_app(state: ServerState) -> FastAPI:
             if body.include_usage:
                 yield reply.body([], request_usage(last, body.n), chunk=True)
 
-        return sse(events())
+        return sse(events(), served_by(outputs))
 
     return app
 

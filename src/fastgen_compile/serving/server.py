@@ -39,6 +39,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-waiting", type=int, default=1024, help="requests queued for admission before new ones get 429 (default: 1024)")
     p.add_argument("--max-body-bytes", type=int, default=8 << 20, help="largest request body (default: 8 MiB)")
     p.add_argument("--grace", type=float, default=30.0, help="seconds in-flight requests get to finish after SIGTERM (default: 30)")
+    r = p.add_argument_group("replicas on Ray Serve (pip install 'fastgen-compile[ray]')")
+    r.add_argument("--replicas", type=int, default=None, help="serve through Ray Serve with this many engine replicas (default: one engine here, no Ray)")
+    r.add_argument("--ray-address", default=None, help="join this Ray cluster (auto: the one `ray start` made here) instead of starting a local one")
+    r.add_argument("--threads-per-replica", type=int, default=None, help="cores each replica's engine uses (default: this machine's cores / replicas)")
+    r.add_argument("--startup-timeout", type=float, default=600.0, help="seconds the replicas get to load and warm up (default: 600)")
 
 
 class Uvicorn(uvicorn.Server):
@@ -71,6 +76,10 @@ def fail(message: str) -> int:
 def main(args: argparse.Namespace) -> int:
     if args.max_waiting < 1 or args.max_body_bytes < 1:
         return fail("--max-waiting and --max-body-bytes must be >= 1")
+    if args.replicas is not None:
+        from fastgen_compile.serving import ray_serve
+
+        return ray_serve.main(args)
     return asyncio.run(serve(args))
 
 
@@ -109,15 +118,13 @@ async def serve(args: argparse.Namespace) -> int:
     except Exception as e:  # noqa: BLE001 - any reason the model cannot load ends the server with one line
         await stop_servers()
         return fail(f"the model could not be loaded: {e}")
-    state.model_name = state.model_name or llm.engine.model_name
-    state.service = service = Service(llm, args.max_waiting)
+    state.service = service = Service.local(llm, args.max_waiting)
+    state.model_name = state.model_name or service.card.name
     if grpc is not None:
         await grpc.set_serving(True)
     http_address = f"http://{_shown(args.host)}:{sock.getsockname()[1]}"
     grpc_address = f", gRPC at {_shown(args.host)}:{grpc.port}" if grpc is not None else ""
-    cfg = llm.engine.config
-    quantized = "".join(f", {part} {method}" for part, method in llm.engine.quantization.items())
-    print(f"ready: serving {state.model_name} ({cfg.dtype} on {cfg.device}: {cfg.dtype_reason}{quantized}) at {http_address} (OpenAI API, /metrics)"
+    print(f"ready: serving {state.model_name} ({service.card.description}) at {http_address} (OpenAI API, /metrics)"
           f"{grpc_address}"
           f"{'; API key required on /v1/*' if state.api_key else ''}; started in {time.perf_counter() - t0:.1f} s", flush=True)
 
