@@ -168,3 +168,31 @@ def test_the_key_covers_every_knob_that_changes_the_graphs(tmp_path):
         folder(linear_kernel="aten"),
     ]
     assert len({same, *changed}) == len(changed) + 1
+
+
+HOLDER = """
+import sys, time
+from fastgen_compile.engine.graph_cache import GraphCache
+cache = GraphCache(sys.argv[1], "m", {"x": 1})
+with cache.exclusive():
+    cache.open()
+    cache.folder.mkdir(parents=True)
+    (cache.folder / "graph.py").write_text("compiled")  # mid-compile: no manifest yet
+    print("holding", flush=True)
+    time.sleep(1.5)
+    cache.save([])
+"""
+
+
+def test_a_second_process_waits_for_the_first_to_build_the_folder_then_loads_it(tmp_path):
+    """Replicas on one machine warming one key: without the lock the second would wipe the first's partial folder."""
+    first = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert first.stdout.readline() == "holding\n"
+        second = GraphCache(tmp_path, "m", {"x": 1})
+        with second.exclusive():
+            second.open()
+        assert second.loaded and (second.folder / "graph.py").read_text() == "compiled"
+    finally:
+        first.kill()
+        first.wait()

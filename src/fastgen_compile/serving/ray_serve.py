@@ -9,6 +9,7 @@ then `fastgen-compile serve --ray-address auto --replicas N` on the head.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import os
 import secrets
@@ -96,11 +97,16 @@ def main(args: argparse.Namespace) -> int:
 
 
 def deploy(serve, app, name: str, failure: list[str]) -> None:
-    """serve.run, its error as one line: the deepest exception's last line (a replica's constructor)."""
+    """serve.run; where it fails, one line: the last line of a failed deployment's message (the
+    exception its replicas' constructor raised), else serve.run's own."""
     try:
         serve.run(app, name=name, route_prefix="/")
     except Exception as e:  # noqa: BLE001 - whatever stopped the deployment is reported, not raised
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        messages = [str(e)]
+        with contextlib.suppress(Exception):
+            deployments = serve.status().applications[name].deployments.values()
+            messages = [d.message for d in deployments if d.status != "HEALTHY" and d.message] + messages
+        lines = [line.strip() for line in messages[0].splitlines() if line.strip()]
         failure.append(lines[-1] if lines else type(e).__name__)
 
 
