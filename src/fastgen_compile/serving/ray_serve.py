@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import importlib.util
 import os
 import secrets
 import signal
@@ -40,16 +41,8 @@ def main(args: argparse.Namespace) -> int:
         check_path(engine.get("model") or embedded_model_path())
     except FastGenError as e:
         return fail(f"the model could not be loaded: {e}")
-    local = args.ray_address is None
-    if local:  # before Ray is imported: it reads them then. A token only this process and its children know
-        os.environ.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32), "RAY_USAGE_STATS_ENABLED": "0"})
-    try:
-        import ray
-        from ray import serve
-    except ImportError:
+    if importlib.util.find_spec("ray") is None:  # not imported yet: connect sets what Ray reads at import
         return fail("--replicas needs Ray Serve: pip install 'fastgen-compile[ray]'")
-    from fastgen_compile.serving.replicas import APP_NAME, application, threads_per_replica
-
     try:
         http_port, grpc_port = free_port(args.host, args.port), free_port(args.host, args.grpc_port) if args.grpc else None
     except OSError as e:
@@ -59,14 +52,19 @@ def main(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    local = args.ray_address is None
     try:
-        head = start_local_ray(max(os.cpu_count() or 1, args.replicas * threads)) if local else None
-    except (OSError, RuntimeError) as e:
-        return fail(str(e))
+        head = connect(args.ray_address, max(os.cpu_count() or 1, args.replicas * threads))
+    except (OSError, RuntimeError, ConnectionError) as e:
+        return fail(f"cannot reach Ray: {e}")
+    import ray
+    from ray import serve
+
+    from fastgen_compile.serving.replicas import APP_NAME, application
+
+    for sig in (signal.SIGTERM, signal.SIGINT):  # again: ray.init installs its own
+        signal.signal(sig, lambda *_: stop.set())
     try:
-        ray.init(address=args.ray_address or f"127.0.0.1:{head.port}", log_to_driver=False, logging_level="warning")
-        for sig in (signal.SIGTERM, signal.SIGINT):  # again: ray.init installs its own
-            signal.signal(sig, lambda *_: stop.set())
         from ray.serve.config import HTTPOptions, gRPCOptions
 
         grpc_options = gRPCOptions(port=grpc_port, grpc_servicer_functions=[SERVICER]) if grpc_port else None
@@ -75,7 +73,11 @@ def main(args: argparse.Namespace) -> int:
                           max_waiting=args.max_waiting, max_body_bytes=args.max_body_bytes)
         deployed = threading.Thread(target=deploy, args=(serve, app, APP_NAME, failure := []), daemon=True)
         deployed.start()
-        deployed.join(args.startup_timeout)
+        deadline = time.monotonic() + args.startup_timeout
+        while deployed.is_alive() and not stop.is_set() and time.monotonic() < deadline:
+            deployed.join(0.5)
+        if stop.is_set():
+            return 0
         if deployed.is_alive() or failure:
             why = failure[0] if failure else f"the replicas were not ready within --startup-timeout {args.startup_timeout:.0f} s"
             return fail(f"the model could not be served: {why}")
@@ -110,6 +112,11 @@ def deploy(serve, app, name: str, failure: list[str]) -> None:
         failure.append(lines[-1] if lines else type(e).__name__)
 
 
+def threads_per_replica(replicas: int, given: int | None) -> int:
+    """given, else this machine's cores shared out (at least one each)."""
+    return given or max(1, (os.cpu_count() or 1) // replicas)
+
+
 def free_port(host: str, port: int) -> int:
     """port if it can be had now (0: one the OS picks); Ray's proxies bind it themselves a moment later."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -135,6 +142,24 @@ class LocalRay:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
+
+
+def connect(address: str | None, num_cpus: int) -> LocalRay | None:
+    """ray.init to the cluster at address, or to a local head started now with num_cpus (a local
+    instance gets the cores the replicas ask for, even past this machine's: their choice)."""
+    head = None
+    if address is None:  # before Ray is imported (it reads them then): a token only this process and its children know
+        os.environ.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32), "RAY_USAGE_STATS_ENABLED": "0"})
+        head = start_local_ray(num_cpus)
+    import ray
+
+    try:
+        ray.init(address=address or f"127.0.0.1:{head.port}", log_to_driver=False, logging_level="warning")
+    except BaseException:
+        if head is not None:
+            head.stop()
+        raise
+    return head
 
 
 def start_local_ray(num_cpus: int, timeout: float = 120.0) -> LocalRay:

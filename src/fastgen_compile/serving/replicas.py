@@ -19,7 +19,6 @@ import asyncio
 import contextlib
 import dataclasses
 import itertools
-import os
 from collections.abc import AsyncIterator
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
@@ -136,7 +135,6 @@ class ReplicaSet:
         self.in_flight = 0  # prompts submitted and not finished
         self._ids = itertools.count()
         self._aborts: dict[int, asyncio.Event] = {}  # request id -> set to abort it
-        self._poller: asyncio.Task | None = None
 
     @property
     def num_waiting(self) -> int:
@@ -148,11 +146,10 @@ class ReplicaSet:
         return None if self.running_replicas else "no engine replica is running (Ray Serve is restarting them)"
 
     def health(self) -> dict:
-        if self._poller is None:
-            self._poller = asyncio.get_running_loop().create_task(self._poll_replicas())
         return {"replicas": {"running": self.running_replicas, "target": self.target}}
 
-    async def _poll_replicas(self) -> None:
+    async def poll_replicas(self) -> None:
+        """Forever: the replicas running, as Ray Serve's controller counts them."""
         while True:
             with contextlib.suppress(Exception):  # a controller hiccup: keep the last count
                 status = await asyncio.to_thread(serve.status)
@@ -281,6 +278,7 @@ class Ingress:
     async def __init__(self, engine: DeploymentHandle, replicas: int, model_name: str | None, api_key: str | None, max_waiting: int, max_body_bytes: int):
         card: ModelCard = await engine.card.remote()
         backend = ReplicaSet(engine, replicas)
+        self.poller = asyncio.get_running_loop().create_task(backend.poll_replicas())
         gauges = {"replicas_running": ("engine replicas running", lambda: backend.running_replicas),
                   "replicas_target": ("engine replicas asked for", lambda: backend.target),
                   "requests_in_flight": ("prompts in flight over all replicas", lambda: backend.in_flight)}
@@ -315,8 +313,3 @@ def application(engine: dict, replicas: int, threads: int, *, model_name: str | 
     ).bind(engine, threads, stand_in_seconds)
     front = serve.deployment(Ingress, num_replicas=1, max_ongoing_requests=max(1024, max_waiting), ray_actor_options={"num_cpus": 0})
     return front.bind(engines, replicas, model_name, api_key, max_waiting, max_body_bytes)
-
-
-def threads_per_replica(replicas: int, given: int | None) -> int:
-    """given, else this machine's cores shared out (at least one each)."""
-    return given or max(1, (os.cpu_count() or 1) // replicas)
