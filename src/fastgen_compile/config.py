@@ -8,6 +8,7 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
+from fastgen_compile.engine.batch import BITS
 from fastgen_compile.engine.scheduler import POLICIES
 from fastgen_compile.errors import ConfigError
 from fastgen_compile.hardware import auto_dtype
@@ -53,6 +54,8 @@ class EngineConfig:
     prompt_rate: float = knob(512.0, "prompt tokens/s owed to each prompt from its arrival (the paper's SLA): a prompt that would miss "
                                      "that deadline under the ITL cap gets a larger step if one still makes it, and while every prompt is on time "
                                      "steps are no larger than that needs; 0: no deadline", type=float)
+    prefix_caching: bool = knob(True, "reuse the KV pages of a prompt's leading full pages when an earlier request computed them "
+                                      "(engine/pages.py); sliding-window models never do")
     quantization: str = knob("auto", "weight-only quantization of the linears and lm_head (CPU): int4 (groups of 32), int8 (per channel), "
                                      "none; auto: as the checkpoint stores them (a Q4_1 GGUF: int4), else none",
                              choices=["auto", "none", *METHODS])
@@ -94,6 +97,9 @@ class EngineConfig:
             raise ConfigError(f"itl_target_ms and prompt_rate must be >= 0, got {self.itl_target_ms} and {self.prompt_rate}")
         if self.layers_per_graph < 1:
             raise ConfigError(f"layers_per_graph must be >= 1, got {self.layers_per_graph}")
+        if self.prefix_caching and self.q_block > BITS:
+            raise ConfigError(f"prefix caching needs q_block <= {BITS} (one bit per sequence of a query block), got {self.q_block}; "
+                              "use a smaller q_block or prefix_caching=False")
         if self.page_size < 1 or self.max_seqs < 1:
             raise ConfigError("page_size and max_seqs must be >= 1")
         if self.compile and torch.device(self.device).type == "cpu" and self.page_size < MIN_CPU_COMPILED_PAGE:

@@ -79,6 +79,7 @@ class RequestOutput:
     finish_reason: FinishReason | None  # None while running
     logprobs: list[TokenLogprob] | None = None  # one per generated token so far, when asked
     prompt_logprobs: list[TokenLogprob | None] | None = None  # one per prompt token (the first None), when asked
+    num_cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache, not computed
 
     @property
     def generated_text(self) -> str:  # DeepSpeed-MII's name

@@ -4,7 +4,8 @@ The KV pool of a layer is one tensor of `num_slots = pages * page_size` rows. Ev
 slot remembers which sequence wrote it and at which position (`slot_seq`, `slot_pos`);
 every query row knows its sequence and position (`q_seq`, `q_pos`). One `mask_mod` per
 region over those persistent tensors says "same sequence and not in the future" (and,
-with a sliding window, "not too far in the past"); the
+with a sliding window, "not too far in the past"; with prefix caching, "or a page my sequence
+took from the cache", `page_bits` / `q_bit`); the
 block masks' page lists name, per query block, only the pages of the sequences in it,
 so the kernel touches nothing else. Shapes are fixed per bucket; only contents change.
 
@@ -22,7 +23,7 @@ from typing import NamedTuple
 import torch
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-from fastgen_compile.engine.batch import Batch, BlockLists
+from fastgen_compile.engine.batch import NO_BIT, Batch, BlockLists
 
 
 class LayerKV(NamedTuple):
@@ -49,22 +50,30 @@ class DecodeTable(NamedTuple):
 
 class PagedAttention:
     def __init__(
-        self, num_pages: int, page_size: int, max_tokens: int, decode_rows: int, q_block: int, group: int, window: int | None, device: torch.device
+        self, num_pages: int, page_size: int, max_tokens: int, decode_rows: int, q_block: int, group: int, window: int | None, device: torch.device,
+        cached_prefixes: bool = False,
     ):
         """group: query heads per KV head. Each group is folded into the query rows (one
         kernel row per token and head of the group), so a page is read once per KV head.
         window: a query sees keys less than this many positions back (None: all); a
-        static property of the compiled graph, like the rest of the mask."""
+        static property of the compiled graph, like the rest of the mask.
+        cached_prefixes: a row also sees the slots of the pages its sequence took from the prefix
+        cache, which another sequence wrote (batch.cached_prefix_bits); static too."""
         self.page_size, self.decode_rows, self.q_block, self.group, self.window = page_size, decode_rows, q_block, group, window
         self.num_slots = num_pages * page_size
         self.q_seq = torch.full((max_tokens,), -1, dtype=torch.int32, device=device)
         self.q_pos = torch.zeros(max_tokens, dtype=torch.int32, device=device)
         self.slot_seq = torch.full((self.num_slots,), -2, dtype=torch.int32, device=device)
         self.slot_pos = torch.zeros(self.num_slots, dtype=torch.int32, device=device)
-        q_seq, q_pos, slot_seq, slot_pos = self.q_seq, self.q_pos, self.slot_seq, self.slot_pos
+        self.q_bit = torch.full((max_tokens,), NO_BIT, dtype=torch.int64, device=device)
+        self.page_bits = torch.zeros(num_pages, dtype=torch.int64, device=device)
+        q_seq, q_pos, slot_seq, slot_pos, q_bit, page_bits = self.q_seq, self.q_pos, self.slot_seq, self.slot_pos, self.q_bit, self.page_bits
 
         def visible(q, kv):
-            seen = (q_seq[q] == slot_seq[kv]) & (slot_pos[kv] <= q_pos[q])
+            mine = q_seq[q] == slot_seq[kv]
+            if cached_prefixes:
+                mine = mine | (((page_bits[kv // page_size] >> q_bit[q]) & 1) == 1)
+            seen = mine & (slot_pos[kv] <= q_pos[q])
             return seen if window is None else seen & (q_pos[q] - slot_pos[kv] < window)
 
         def decode_mask(b, h, q_idx, kv_idx):
@@ -76,12 +85,15 @@ class PagedAttention:
         # fixed function objects for the engine's life: a new closure per step would retrace
         self.decode_mask_mod, self.prompt_mask_mod = decode_mask, prompt_mask
 
-    def update(self, q_seq: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor) -> None:
+    def update(self, batch: Batch) -> None:
         """Record this step's query rows and who wrote each new slot. Padding rows write the
         scratch slots, which no block lists; no data-dependent shapes, so a CUDA graph can hold it."""
+        q_seq, positions, slots = batch.q_seq, batch.positions, batch.slots
         n = q_seq.shape[0]
         self.q_seq[:n].copy_(q_seq)
         self.q_pos[:n].copy_(positions)
+        self.q_bit[:n].copy_(batch.q_bit)
+        self.page_bits.copy_(batch.page_bits)
         self.slot_seq.index_copy_(0, slots, q_seq)
         self.slot_pos.index_copy_(0, slots, positions)
 

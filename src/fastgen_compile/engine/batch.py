@@ -10,6 +10,9 @@ import torch
 from fastgen_compile.engine.pages import SCRATCH_PAGE
 from fastgen_compile.engine.scheduler import Chunk, StepPlan
 
+BITS = 63  # of an int64 page_bits entry; bit 63 is never set
+NO_BIT = 63
+
 
 @dataclass
 class BlockLists:
@@ -33,6 +36,8 @@ class Batch:
     context_lens: torch.Tensor  # (bucket,) int32, the row's sequence length at the end of its chunk (rope scaling)
     slots: torch.Tensor  # (bucket,) int64, KV slot each token writes
     q_seq: torch.Tensor  # (bucket,) int32, owner of each row (-1: padding)
+    q_bit: torch.Tensor  # (bucket,) int64, the bit of page_bits naming a prompt row's cached pages (NO_BIT: none)
+    page_bits: torch.Tensor  # (num_pages,) int64, per page the bits of the chunks that took it from the prefix cache
     decode_blocks: BlockLists | None  # FlexAttention decode region, or
     decode_pages: torch.Tensor | None  # (decode_rows, max_pages) int32: each decode row's page table (CPU decode kernel)
     decode_lens: torch.Tensor | None  # (decode_rows,) int32: keys each decode row sees, its position + 1 (0: padding)
@@ -85,6 +90,19 @@ def place(plan: StepPlan, bucket: int, decode_rows: int) -> list[Piece]:
     return pieces
 
 
+def cached_prefix_bits(plan: StepPlan, page_size: int, page_bits: np.ndarray) -> dict[int, int]:
+    """A bit for each chunk whose sequence took pages from the prefix cache, set in page_bits on those
+    pages. Their slots carry the tag of whichever sequence wrote them, so where a query block mixes
+    sequences (and the mask decides), a row sees them through its bit. Bits repeat every BITS
+    chunks: a block of at most BITS rows never holds two chunks with the same bit."""
+    bits: dict[int, int] = {}
+    for i, c in enumerate(plan.chunks):
+        if c.seq.num_cached_tokens and not c.is_decode:  # decode rows: 1-row blocks see their past pages whole
+            bits[i] = len(bits) % BITS
+            page_bits[c.seq.page_table[: c.seq.num_cached_tokens // page_size]] |= 1 << bits[i]
+    return bits
+
+
 def pack(
     plan: StepPlan, bucket: int, decode_rows: int, page_size: int, q_block: int, num_pages: int, window: int | None = None, decode_table: int = 0
 ) -> Batch:
@@ -95,14 +113,18 @@ def pack(
     context_lens = np.zeros(bucket, dtype=np.int32)
     slots = np.full(bucket, SCRATCH_PAGE * page_size, dtype=np.int64)
     q_seq = np.full(bucket, -1, dtype=np.int32)
+    q_bit = np.full(bucket, NO_BIT, dtype=np.int64)
+    page_bits = np.zeros(num_pages, dtype=np.int64)
     pieces = place(plan, bucket, decode_rows)
     page_tables = [np.asarray(c.seq.page_table, dtype=np.int64) for c in plan.chunks]
     rows_of: list[list[np.ndarray]] = [[] for _ in plan.chunks]
     use_table = bool(decode_table and decode_rows)
     decode_pages = np.zeros((decode_rows, decode_table), dtype=np.int32) if use_table else None
     decode_lens = np.zeros(decode_rows, dtype=np.int32) if use_table else None
+    bits = cached_prefix_bits(plan, page_size, page_bits)
     for p in pieces:
         c, at, n, pages = p.chunk, p.row, p.num_tokens, page_tables[p.index]
+        q_bit[at : at + n] = bits.get(p.index, NO_BIT)
         rows_of[p.index].append(np.arange(at, at + n))
         pos = np.arange(p.start, p.start + n, dtype=np.int32)
         input_ids[at : at + n] = c.seq.token_ids(p.start, p.start + n)
@@ -151,6 +173,8 @@ def pack(
         context_lens=torch.from_numpy(context_lens),
         slots=torch.from_numpy(slots),
         q_seq=torch.from_numpy(q_seq),
+        q_bit=torch.from_numpy(q_bit),
+        page_bits=torch.from_numpy(page_bits),
         decode_blocks=lists[0],
         decode_pages=None if decode_pages is None else torch.from_numpy(decode_pages),
         decode_lens=None if decode_lens is None else torch.from_numpy(decode_lens),

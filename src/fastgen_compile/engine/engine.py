@@ -66,6 +66,9 @@ class EngineSnapshot:
     waiting: int
     pages_used: int
     pages_free: int
+    pages_cached: int  # holding a cached prefix, referenced or not
+    prefix_queried_tokens: int  # prompt tokens looked up in the prefix cache, ever
+    prefix_hit_tokens: int  # of them, found
     num_steps: int
     recent_steps: list[StepStats]  # oldest first
 
@@ -88,7 +91,11 @@ class Engine:
         decode_kernel = (c.decode_kernel and c.decode_rows > 0 and kernels.paged_decode_fits(device, c.torch_dtype, args.head_dim)
                          and kernels.paged_decode_available(root))
         num_pages = c.num_pages(Runner.kv_bytes_per_token(args, c, decode_kernel), self.max_model_len)
-        self.pages = PageManager(num_pages, c.page_size)
+        prefix_caching = c.prefix_caching and args.sliding_window is None
+        if c.prefix_caching and not prefix_caching:
+            # a window evicts a cached page's keys from some queries only: not built, so not cached
+            log.info("prefix caching is off: %s attends through a sliding window of %d tokens", self.model_name, args.sliding_window)
+        self.pages = PageManager(num_pages, c.page_size, prefix_caching, identity=f"{self.model_name} {file_identity(path)} {self.quantization}")
         self.scheduler = Scheduler(self.pages, c.buckets, c.max_seqs, c.policy, c.decode_rows)
         self.sampler = Sampler()
         self.detokenizer = Detokenizer(self.tokenizer)
@@ -102,12 +109,13 @@ class Engine:
         self.step_costs: StepCosts | None = None  # measured at warmup (or kept with the graphs)
         graph_cache = None
         if c.compile and c.graph_cache:
-            graph_cache = GraphCache.for_engine(root, self.model_name, file_identity(path), args, c, num_pages, decode_kernel, self.quantization)
+            graph_cache = GraphCache.for_engine(root, self.model_name, file_identity(path), args, c, num_pages, decode_kernel, self.quantization,
+                                                prefix_caching)
         with graph_cache.exclusive() if graph_cache else contextlib.nullcontext():  # from reading the graphs to saving them
             if graph_cache is not None:
                 graph_cache.open()
             self.compiler = Compiler(c.compile, device, graph_cache, c.strict_recompiles)
-            self.runner = Runner(self.model, c, num_pages, self.max_model_len, self.compiler, decode_kernel)
+            self.runner = Runner(self.model, c, num_pages, self.max_model_len, self.compiler, decode_kernel, prefix_caching)
             if c.compile and c.warmup:
                 self.warmup()
             elif graph_cache is not None and (saved := graph_cache.record(step_costs.RECORD)) is not None:
@@ -181,6 +189,10 @@ class Engine:
 
     def abort(self, request_id: int) -> None:
         self._inbox.put(("abort", request_id))
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix before the next step (requests running keep their pages)."""
+        self._inbox.put(("reset_prefix_cache", None))
 
     @property
     def num_waiting(self) -> int:
@@ -277,6 +289,9 @@ class Engine:
             waiting=self.num_waiting,
             pages_used=self.pages.num_used,
             pages_free=self.pages.num_free,
+            pages_cached=self.pages.num_cached,
+            prefix_queried_tokens=self.pages.num_queried_tokens,
+            prefix_hit_tokens=self.pages.num_hit_tokens,
             num_steps=self.num_steps,
             recent_steps=self.steps_since(self.num_steps - recent_steps),
         )
@@ -293,6 +308,8 @@ class Engine:
             if kind == "add":
                 self._seqs[item.seq_id] = item
                 self.scheduler.add(item)
+            elif kind == "reset_prefix_cache":
+                log.info("prefix cache reset: %d pages forgotten", self.pages.reset_prefix_cache())
             elif (seq := self._seqs.get(item)) is not None:
                 self._finish(seq, "abort")
                 aborted.append(self._output(seq, "", []))
@@ -331,6 +348,7 @@ class Engine:
             delta_token_ids=delta_ids,
             finished=seq.status is Status.FINISHED,
             finish_reason=seq.finish_reason,
+            num_cached_tokens=seq.num_cached_tokens,
             logprobs=list(seq.logprobs) if seq.params.logprobs is not None else None,
             # complete (and no longer written) from the first sampled token on: no copy per token
             prompt_logprobs=seq.prompt_logprobs if seq.params.prompt_logprobs is not None else None,

@@ -73,9 +73,10 @@ class GraphCache:
 
     @classmethod
     def for_engine(cls, root: Path, model_name: str, model_files: list, args, config, num_pages: int, decode_kernel: bool,
-                   quantization: dict[str, str]) -> GraphCache:
+                   quantization: dict[str, str], prefix_caching: bool) -> GraphCache:
         """decode_kernel: whether decode rows go to the CPU kernel (asked for, and it built);
-        quantization: what the engine quantized (EngineConfig.quantized_parts)."""
+        quantization: what the engine quantized (EngineConfig.quantized_parts); prefix_caching:
+        whether the attention mask reads cached pages (the engine's decision)."""
         c = config
         fields = {
             "model": model_name,
@@ -93,6 +94,7 @@ class GraphCache:
             "linear_kernel": c.linear_kernel,
             "layers_per_graph": c.layers_per_graph,
             "decode_kernel": decode_kernel,
+            "prefix_caching": prefix_caching,
             "kv_pages": num_pages,
             "torch": torch.__version__,
             "python": sys.version.split()[0],

@@ -24,7 +24,7 @@ from fastgen_compile.models import linears, packed
 from fastgen_compile.models.decoder import Decoder, ModelArgs, decoder_layer
 from fastgen_compile.models.rope import Rope
 
-DEVICE_FIELDS = ("input_ids", "positions", "context_lens", "slots", "q_seq", "decode_pages", "decode_lens")  # None where a path has none
+DEVICE_FIELDS = ("input_ids", "positions", "context_lens", "slots", "q_seq", "q_bit", "page_bits", "decode_pages", "decode_lens")  # None where a path has none
 
 
 def layer_group(num_layers: int, most: int) -> int:
@@ -68,8 +68,10 @@ class BucketInputs:
 
 
 class Runner:
-    def __init__(self, model: Decoder, config: EngineConfig, num_pages: int, max_model_len: int, compiler: Compiler, decode_kernel: bool):
-        """decode_kernel: decode rows attend through our CPU kernel (the engine checked it builds)."""
+    def __init__(self, model: Decoder, config: EngineConfig, num_pages: int, max_model_len: int, compiler: Compiler, decode_kernel: bool,
+                 prefix_caching: bool = False):
+        """decode_kernel: decode rows attend through our CPU kernel (the engine checked it builds);
+        prefix_caching: sequences may start on pages other sequences wrote (the engine decided it)."""
         args, c = model.args, config
         self.device = device = model.embed.device
         self.model = model
@@ -77,7 +79,8 @@ class Runner:
         # decode rows through our CPU kernel: the width of their page tables (0: FlexAttention)
         self.decode_table = -(-max_model_len // c.page_size) if decode_kernel else 0
         group = args.num_heads // args.num_kv_heads
-        self.attention = PagedAttention(num_pages, c.page_size, c.token_budget, c.decode_rows, c.q_block, group, args.sliding_window, device)
+        self.attention = PagedAttention(num_pages, c.page_size, c.token_budget, c.decode_rows, c.q_block, group, args.sliding_window, device,
+                                        cached_prefixes=prefix_caching)
         slots, heads, dim = num_pages * c.page_size, args.num_kv_heads, args.head_dim
 
         def layer_kv() -> LayerKV:
@@ -136,7 +139,7 @@ class Runner:
         """The bucket's forward up to the last hidden states: only in-place writes and fixed shapes,
         so on CUDA it can be captured as a CUDA graph."""
         b = inputs.batch
-        self.attention.update(b.q_seq, b.positions, b.slots)
+        self.attention.update(b)
         cos = sin = None
         if self.rope is not None:
             cos, sin = self.rope.cos_sin(b.positions, b.context_lens)

@@ -16,6 +16,8 @@ SLA needs; above the cap only when that saves a deadline the cap would miss; the
 no chunk saves it (the running decodes should not pay for a deadline that is lost anyway) or a
 prompt is already late (a smaller chunk would only add to its delay). With no decode waiting on
 the step, prompts take the whole budget.
+A request admitted with a cached prefix (engine/pages.py) starts its first chunk after it: the
+budget counts only tokens computed.
 Plain Python bookkeeping: no torch.
 """
 
@@ -206,8 +208,12 @@ class Scheduler:
         # (every running sequence must be able to decode every step)
         while self.waiting and self._room(plan) > 0 and not plan.preempted and not (0 < self.decode_rows <= len(self.running)):
             seq = self.waiting[0]
+            if seq.params.prompt_logprobs is None:  # a cached prefix has no logits to score
+                self.pages.take_cached_prefix(seq)
             if not self._add_prompt_chunk(seq, plan):
+                self.pages.return_cached_prefix(seq)
                 return  # arrival order: nobody overtakes the head of the queue
+            self.pages.count_lookup(seq)
             self.waiting.popleft()
             seq.status, seq.kv_id = Status.RUNNING, next(self._kv_ids)
             self.running.append(seq)
@@ -226,9 +232,9 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence, plan: StepPlan) -> None:
         """Free its pages and requeue it at the front: its prompt and output are recomputed."""
-        self.pages.release(seq)
+        self.pages.release(seq)  # hashed pages stay cached: its recompute may find them
         self.running.remove(seq)
-        seq.status, seq.num_computed = Status.WAITING, 0
+        seq.status, seq.num_computed, seq.num_hashed_pages = Status.WAITING, 0, 0
         seq.num_preemptions += 1
         self.num_preemptions += 1
         plan.preempted.append(seq)
@@ -238,3 +244,4 @@ class Scheduler:
         """The plan's tokens are now in the pool."""
         for chunk in plan.chunks:
             chunk.seq.num_computed = chunk.start + chunk.num_tokens
+            self.pages.cache_full_pages(chunk.seq)

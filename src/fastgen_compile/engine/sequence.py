@@ -23,6 +23,9 @@ class Sequence:
     prompt: str | None = None
     output_token_ids: list[int] = field(default_factory=list)
     num_computed: int = 0  # leading tokens whose keys/values are in the pool
+    num_cached_tokens: int = 0  # of them, found in the prefix cache at its last admission
+    page_hashes: list[int] = field(default_factory=list)  # chained hashes of its leading full pages (pages.py)
+    num_hashed_pages: int = 0  # leading pages of page_table already offered to the prefix cache
     page_table: list[int] = field(default_factory=list)
     kv_id: int = -1  # owner tag of the KV slots it writes, new at every admission
     status: Status = Status.WAITING
