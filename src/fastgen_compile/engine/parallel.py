@@ -115,13 +115,15 @@ class TensorParallel:
 
     # ---- collectives (inside the compiled layer graph, and eager around it) -----------------
 
+    # waited at once: eager (the embedding), the result is then a plain tensor; an AsyncCollectiveTensor
+    # handed to the layer graph is a tensor subclass its first call would compile a second graph for
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        return funcol.all_reduce(x, "sum", self.group_name)
+        return funcol.wait_tensor(funcol.all_reduce(x, "sum", self.group_name))
 
     def all_gather(self, x: torch.Tensor) -> torch.Tensor:
         """(rows, n) on every rank -> (rows, world * n): rank 0's columns, then rank 1's..."""
         rows, n = x.shape
-        gathered = funcol.all_gather_single(x.contiguous(), 0, self.group_name)  # (world * rows, n)
+        gathered = funcol.wait_tensor(funcol.all_gather_single(x.contiguous(), 0, self.group_name))  # (world * rows, n)
         return gathered.view(self.world, rows, n).permute(1, 0, 2).reshape(rows, self.world * n)
 
     # ---- the step, as workers receive it ----------------------------------------------------
@@ -213,14 +215,7 @@ class Leader(TensorParallel):
     """Rank 0: starts and stops the workers, sends every step."""
 
     def __init__(self, config: EngineConfig):
-        world = config.tensor_parallel_size
-        if dist.is_initialized():
-            raise ConfigError("a tensor-parallel engine is already open in this process (torch.distributed has one default group): close it first")
-        if torch.device(config.device).type == "cuda" and torch.cuda.device_count() < world:
-            raise ConfigError(f"tensor_parallel_size={world} needs {world} GPUs, this machine has {torch.cuda.device_count()}")
-        super().__init__(Shard(0, world), config)
-        self.threads = threads_per_rank(world)
-        torch.set_num_threads(self.threads)
+        super().__init__(Shard(0, config.tensor_parallel_size), config)
         self.workers: list[Worker] = []
         self._store: dist.TCPStore | None = None
         self._conn_lock = threading.Lock()  # stats are asked from any thread
@@ -228,11 +223,17 @@ class Leader(TensorParallel):
 
     def start(self, config: EngineConfig) -> None:
         """config: rank 0's, its pool's pages fixed (kv_pages): every rank's pool has as many."""
+        if dist.is_initialized():
+            raise ConfigError("a tensor-parallel engine is already open in this process (torch.distributed has one default group): close it first")
+        if self.device.type == "cuda" and torch.cuda.device_count() < self.world:
+            raise ConfigError(f"tensor_parallel_size={self.world} needs {self.world} GPUs, this machine has {torch.cuda.device_count()}")
+        threads = threads_per_rank(self.world)
+        torch.set_num_threads(threads)  # this process is rank 0: its share of the cores
         # port 0: the OS picks a free one while the store binds it (several deployments on one machine)
         self._store = dist.TCPStore(HOST, 0, self.world, is_master=True, wait_for_workers=False, timeout=TIMEOUT)
         for rank in range(1, self.world):
             device = f"cuda:{rank}" if self.device.type == "cuda" else config.device
-            self.workers.append(Worker.start(rank, replace(config, device=device), self._store.port, self.threads))
+            self.workers.append(Worker.start(rank, replace(config, device=device), self._store.port, threads))
 
     def connect(self) -> None:
         for worker in self.workers:
