@@ -1,5 +1,5 @@
 """Tensor parallelism on tiny checkpoints of other families (Qwen2's QKV biases, Mixtral's experts,
-OPT's heads without GQA, biases everywhere and learned positions), and the workers' lifecycle: a
+OPT's heads without GQA, biases everywhere and learned positions, Phi-3's fused checkpoint tensors), and the workers' lifecycle: a
 killed worker fails every pending request, and no worker outlives rank 0 however it ends.
 
 Every test that opens a tensor-parallel engine closes it (one is open per process at a time).
@@ -32,7 +32,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without to
 LIFECYCLE = dict(dtype="float32", compile=False, buckets=(16, 32), decode_rows=0, page_size=8, q_block=16, kv_pages=64, max_seqs=4)
 
 
-@pytest.mark.parametrize("name, compiled", [("qwen2", True), ("mixtral", False), ("opt-pre-norm", False)])
+@pytest.mark.parametrize("name, compiled", [("qwen2", True), ("mixtral", False), ("opt-pre-norm", False), ("phi3-longrope", False)])
 def test_family_matches_transformers_and_one_process(name, compiled, tmp_path):
     """Logits of every position (prefill, a chunk beside a decode, decodes) within fp32 tolerance of
     transformers at TP=2; greedy tokens of split and fused prompts equal TP=1's."""
