@@ -138,6 +138,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def cmd_warmup(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     engine = Engine(EngineConfig(**engine_overrides(args)))
+    engine.close()  # tensor parallelism's workers: what follows only reads what the engine recorded
     seconds = time.perf_counter() - t0
     table = Table("bucket", "seconds", "cache", title=f"{escape(engine.model_name)} ({engine.config.dtype}, {engine.config.device})")
     for w in engine.compiler.warmups:

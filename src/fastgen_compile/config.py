@@ -20,7 +20,8 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 
 def knob(default, help: str, **flag):
     """An EngineConfig field that is also a command-line flag (--name-with-dashes) of every
-    command that builds an engine; flag: extra argparse arguments (type, nargs, choices)."""
+    command that builds an engine; flag: extra argparse arguments (type, nargs, choices), and
+    aliases: more option strings for it."""
     return field(default=default, metadata={"help": help, "flag": flag})
 
 
@@ -33,6 +34,8 @@ class EngineConfig:
     model: str | None = knob(None, "HF folder (config.json + *.safetensors) or .gguf file; default: the embedded SmolLM2-135M-Instruct")
     dtype: str = knob("auto", "compute (weight) dtype; auto: what this hardware does well (hardware.auto_dtype)", choices=["auto", *sorted(DTYPES)])
     device: str = knob("cpu", "torch device, e.g. cuda")
+    tensor_parallel_size: int = knob(1, "processes the model is sharded over (tensor parallelism, engine/parallel.py): this one and N-1 workers "
+                                        "it starts; on CUDA one GPU each", type=int, aliases=["--tensor-parallel"])
     # every bucket starts with `decode_rows` rows for decode tokens (buckets below it hold only
     # those: quick steps for a few decodes); the rest take prompt chunks
     buckets: tuple[int, ...] = knob((1, 2, 4, 8, 32, 96, 288), "row counts the forward pass is compiled for; the largest is the SplitFuse token budget",
@@ -100,6 +103,8 @@ class EngineConfig:
         if self.prefix_caching and self.q_block > BITS:
             raise ConfigError(f"prefix caching needs q_block <= {BITS} (one bit per sequence of a query block), got {self.q_block}; "
                               "use a smaller q_block or prefix_caching=False")
+        if self.tensor_parallel_size < 1:
+            raise ConfigError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
         if self.page_size < 1 or self.max_seqs < 1:
             raise ConfigError("page_size and max_seqs must be >= 1")
         if self.compile and torch.device(self.device).type == "cpu" and self.page_size < MIN_CPU_COMPILED_PAGE:
@@ -170,13 +175,14 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     for f in fields(EngineConfig):
         if "flag" not in f.metadata:
             continue
-        name, help = f.name.replace("_", "-"), f.metadata["help"]
+        name, help, flag = f.name.replace("_", "-"), f.metadata["help"], dict(f.metadata["flag"])
+        aliases = flag.pop("aliases", [])
         if f.default is True:
             parser.add_argument(f"--no-{name}", dest=f.name, action="store_false", help=f"do not: {help}")
         else:
             shown = " ".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
             default = f"(default: {shown})" if f.default is not None else ""
-            parser.add_argument(f"--{name}", default=f.default, help=f"{help} {default}".strip(), **f.metadata["flag"])
+            parser.add_argument(f"--{name}", *aliases, default=f.default, help=f"{help} {default}".strip(), **flag)
 
 
 def engine_overrides(args: argparse.Namespace) -> dict:

@@ -13,8 +13,9 @@ import queue
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator
 from collections.abc import Sequence as Seq
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,7 @@ from fastgen_compile.engine.compiler import Compiler
 from fastgen_compile.engine.detokenizer import Detokenizer
 from fastgen_compile.engine.graph_cache import BucketWarmup, GraphCache
 from fastgen_compile.engine.pages import PageManager
+from fastgen_compile.engine.parallel import Leader, TensorParallel
 from fastgen_compile.engine.runner import Runner
 from fastgen_compile.engine.sampler import Sampler, token_logprobs
 from fastgen_compile.engine.scheduler import Scheduler, StepPlan
@@ -37,6 +39,7 @@ from fastgen_compile.engine.step_costs import StepCosts
 from fastgen_compile.errors import RequestError
 from fastgen_compile.models.loader import check_path, embedded_model_path, load
 from fastgen_compile.models.quantize import quantize_model
+from fastgen_compile.models.shard import WHOLE
 from fastgen_compile.request import FinishReason, RequestOutput, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -74,12 +77,16 @@ class EngineSnapshot:
 
 
 class Engine:
-    def __init__(self, config: EngineConfig | None = None, **overrides):
+    def __init__(self, config: EngineConfig | None = None, *, tp: TensorParallel | None = None, **overrides):
+        """tp: this engine is a worker rank of tensor parallelism (engine/parallel.py); rank 0, the
+        engine a caller builds, makes its own side from config.tensor_parallel_size."""
         self.config = c = config or EngineConfig(**overrides)
         device = torch.device(c.device)
         path = check_path(c.model or embedded_model_path())
         root = Path(c.graphs_dir) if c.graphs_dir else default_root()
-        loaded = load(path, c.torch_dtype, device, prepared_root=root if c.graph_cache else None)
+        self.tp = tp or (Leader(c) if c.tensor_parallel_size > 1 else None)
+        shard = self.tp.shard if self.tp else WHOLE
+        loaded = load(path, c.torch_dtype, device, prepared_root=root if c.graph_cache else None, shard=shard)
         self.quantization = c.quantized_parts(loaded.stored_as, device)
         quantize_model(loaded.model, self.quantization.get("layers"), self.quantization.get("lm_head"))
         self.model, self.tokenizer, self.hf_config, self.model_name = loaded.model, loaded.tokenizer, loaded.hf_config, loaded.name
@@ -90,7 +97,9 @@ class Engine:
         # decided once, before the pool is sized: the kernel's copy of the pool is only made where it runs
         decode_kernel = (c.decode_kernel and c.decode_rows > 0 and kernels.paged_decode_fits(device, c.torch_dtype, args.head_dim)
                          and kernels.paged_decode_available(root))
-        num_pages = c.num_pages(Runner.kv_bytes_per_token(args, c, decode_kernel), self.max_model_len)
+        # each rank's pool holds its KV heads; on CPU the ranks share one memory, so they share its budget
+        ranks_in_memory = shard.world if device.type == "cpu" else 1
+        num_pages = c.num_pages(Runner.kv_bytes_per_token(args, c, decode_kernel) * ranks_in_memory, self.max_model_len)
         prefix_caching = c.prefix_caching and args.sliding_window is None
         if c.prefix_caching and not prefix_caching:
             # a window evicts a cached page's keys from some queries only: not built, so not cached
@@ -110,16 +119,35 @@ class Engine:
         graph_cache = None
         if c.compile and c.graph_cache:
             graph_cache = GraphCache.for_engine(root, self.model_name, file_identity(path), args, c, num_pages, decode_kernel, self.quantization,
-                                                prefix_caching)
-        with graph_cache.exclusive() if graph_cache else contextlib.nullcontext():  # from reading the graphs to saving them
+                                                prefix_caching, shard)
+        # from reading the graphs to saving them; the workers are ended if anything here fails
+        with graph_cache.exclusive() if graph_cache else contextlib.nullcontext(), self._closed_on_error():
             if graph_cache is not None:
                 graph_cache.open()
+            if self.tp is not None:  # rank 0 starts the other ranks, which build their shards meanwhile
+                self.tp.start(replace(c, kv_pages=num_pages))
             self.compiler = Compiler(c.compile, device, graph_cache, c.strict_recompiles)
-            self.runner = Runner(self.model, c, num_pages, self.max_model_len, self.compiler, decode_kernel, prefix_caching)
+            self.runner = Runner(self.model, c, num_pages, self.max_model_len, self.compiler, decode_kernel, prefix_caching, tp=self.tp)
+            if self.tp is not None:
+                self.tp.connect()
             if c.compile and c.warmup:
                 self.warmup()
             elif graph_cache is not None and (saved := graph_cache.record(step_costs.RECORD)) is not None:
                 self._use_step_costs(StepCosts.from_json(saved))
+
+    def close(self) -> None:
+        """End tensor parallelism's workers (idempotent; called on the thread that steps the engine).
+        A one-process engine holds nothing to end."""
+        if self.tp is not None:
+            self.tp.close()
+
+    @contextlib.contextmanager
+    def _closed_on_error(self) -> Iterator[None]:
+        try:
+            yield
+        except BaseException:
+            self.close()
+            raise
 
     def _eos_token_ids(self) -> frozenset[int]:
         eos = getattr(self.hf_config, "eos_token_id", None)

@@ -24,6 +24,7 @@ import torch
 
 from fastgen_compile.artifacts import FORMAT, exclusive, key, open_trusted, version, write_manifest
 from fastgen_compile.hardware import cpu_flags
+from fastgen_compile.models.shard import WHOLE, Shard
 
 
 def device_capability(device: torch.device) -> str:
@@ -73,10 +74,11 @@ class GraphCache:
 
     @classmethod
     def for_engine(cls, root: Path, model_name: str, model_files: list, args, config, num_pages: int, decode_kernel: bool,
-                   quantization: dict[str, str], prefix_caching: bool) -> GraphCache:
+                   quantization: dict[str, str], prefix_caching: bool, shard: Shard = WHOLE) -> GraphCache:
         """decode_kernel: whether decode rows go to the CPU kernel (asked for, and it built);
         quantization: what the engine quantized (EngineConfig.quantized_parts); prefix_caching:
-        whether the attention mask reads cached pages (the engine's decision)."""
+        whether the attention mask reads cached pages (the engine's decision); shard: the rank
+        of tensor parallelism whose graphs these are (each compiles its own shapes and collectives)."""
         c = config
         fields = {
             "model": model_name,
@@ -96,11 +98,13 @@ class GraphCache:
             "decode_kernel": decode_kernel,
             "prefix_caching": prefix_caching,
             "kv_pages": num_pages,
+            "tensor_parallel": {"rank": shard.rank, "world": shard.world},
             "torch": torch.__version__,
             "python": sys.version.split()[0],
             "fastgen_compile": version("fastgen-compile"),
         }
-        return cls(root, f"{model_name}-{c.dtype}-{fields['device']}", fields)
+        ranks = f"-tp{shard.rank}of{shard.world}" if shard.world > 1 else ""
+        return cls(root, f"{model_name}-{c.dtype}-{fields['device']}{ranks}", fields)
 
     def record(self, name: str) -> dict | None:
         """A measurement kept for this key (the linear kernels, the step costs), if the folder is trusted and has it."""

@@ -135,6 +135,12 @@ class EngineLoop:
             return
         finally:
             ready.set()
+        try:
+            self._serve()
+        finally:
+            self.engine.close()  # on this thread: tensor parallelism's STOP must not cross a step's broadcasts
+
+    def _serve(self) -> None:
         while True:
             with self._work:
                 while not self._closed and not self.engine.has_work():

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -21,8 +22,11 @@ from fastgen_compile.engine.attention import LayerKV, PagedAttention, paged_atte
 from fastgen_compile.engine.batch import Batch, BlockLists
 from fastgen_compile.engine.compiler import Compiler
 from fastgen_compile.models import linears, packed
-from fastgen_compile.models.decoder import Decoder, ModelArgs, decoder_layer
+from fastgen_compile.models.decoder import Decoder, ModelArgs, alone, decoder_layer
 from fastgen_compile.models.rope import Rope
+
+if TYPE_CHECKING:
+    from fastgen_compile.engine.parallel import TensorParallel
 
 DEVICE_FIELDS = ("input_ids", "positions", "context_lens", "slots", "q_seq", "q_bit", "page_bits", "decode_pages", "decode_lens")  # None where a path has none
 
@@ -58,24 +62,33 @@ class BucketInputs:
         return cls(static, attention.block_masks(static))
 
     def fill(self, batch: Batch) -> None:
-        for name in DEVICE_FIELDS:
-            if (mine := getattr(self.batch, name)) is not None:
-                mine.copy_(getattr(batch, name), non_blocking=True)
-        for mine, new in ((self.batch.decode_blocks, batch.decode_blocks), (self.batch.prompt_blocks, batch.prompt_blocks)):
-            if mine is not None:
-                for f in dataclasses.fields(BlockLists):
-                    getattr(mine, f.name).copy_(getattr(new, f.name), non_blocking=True)
+        for mine, new in zip(self.tensors(), device_tensors(batch)):
+            mine.copy_(new, non_blocking=True)
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The buffers a step refills (what tensor parallelism's rank 0 broadcasts), in a fixed order."""
+        return device_tensors(self.batch)
+
+
+def device_tensors(batch: Batch) -> list[torch.Tensor]:
+    fields = [getattr(batch, name) for name in DEVICE_FIELDS]
+    lists = [getattr(b, f.name) for b in (batch.decode_blocks, batch.prompt_blocks) if b is not None for f in dataclasses.fields(BlockLists)]
+    return [t for t in fields if t is not None] + lists
 
 
 class Runner:
     def __init__(self, model: Decoder, config: EngineConfig, num_pages: int, max_model_len: int, compiler: Compiler, decode_kernel: bool,
-                 prefix_caching: bool = False):
+                 prefix_caching: bool = False, tp: TensorParallel | None = None):
         """decode_kernel: decode rows attend through our CPU kernel (the engine checked it builds);
-        prefix_caching: sequences may start on pages other sequences wrote (the engine decided it)."""
+        prefix_caching: sequences may start on pages other sequences wrote (the engine decided it);
+        tp: this rank's side of tensor parallelism (model is its shard), None: one process."""
         args, c = model.args, config
         self.device = device = model.embed.device
         self.model = model
         self.compiler = compiler
+        self.tp = tp
+        # the collectives that combine the shards' partial results (traced into the layer graph); alone: one process
+        self.reduce, self.gather = (tp.all_reduce, tp.all_gather) if tp is not None else (alone, alone)
         # decode rows through our CPU kernel: the width of their page tables (0: FlexAttention)
         self.decode_table = -(-max_model_len // c.page_size) if decode_kernel else 0
         group = args.num_heads // args.num_kv_heads
@@ -97,7 +110,7 @@ class Runner:
         self.kernels = linears.LinearKernels(self._kernel_record(c))  # the decoder's linear
         self.group = layer_group(args.num_layers, c.layers_per_graph)
         self.layer_weights = [layer.weights() for layer in model.layers]  # once: quantized and packed above, fixed from here on
-        layer = functools.partial(decoder_layer, args=args, attend=paged_attend, linear=self.kernels)
+        layer = functools.partial(decoder_layer, args=args, attend=paged_attend, linear=self.kernels, reduce=self.reduce)
         self.layers = compiler.compile(functools.partial(decoder_layers, layer=layer))
         self.inputs: dict[int, BucketInputs] = {}
 
@@ -116,7 +129,8 @@ class Runner:
 
     @staticmethod
     def kv_bytes_per_token(args: ModelArgs, config: EngineConfig, decode_kernel: bool) -> int:
-        """The pool FlexAttention reads, plus the decode kernel's copy where it is used."""
+        """The pool FlexAttention reads, plus the decode kernel's copy where it is used (args: a
+        shard's, with tensor parallelism: each rank's pool holds its KV heads only)."""
         per_slot = args.num_layers * args.num_kv_heads * args.head_dim
         total = 2 * per_slot * config.torch_kv_dtype.itemsize
         if decode_kernel:
@@ -124,16 +138,31 @@ class Runner:
             total += (keys + per_slot) * config.torch_dtype.itemsize
         return total
 
-    @torch.inference_mode()
-    def forward(self, batch: Batch, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits (fp32) of the given rows only (default: the sampled rows)."""
+    def bucket_inputs(self, batch: Batch) -> BucketInputs:
+        """batch's bucket's buffers, made on first use (batch: any batch of that bucket)."""
         inputs = self.inputs.get(batch.bucket)
         if inputs is None:
             inputs = self.inputs[batch.bucket] = BucketInputs.like(batch, self.device, self.attention)
+        return inputs
+
+    @torch.inference_mode()
+    def forward(self, batch: Batch, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (fp32) of the given rows only (default: the sampled rows). With tensor parallelism
+        (this is rank 0), the other ranks get the step and run it alongside."""
+        inputs = self.bucket_inputs(batch)
         inputs.fill(batch)
-        hidden = self.compiler.run(batch.bucket, lambda: self._body(inputs))
         rows = batch.sample_rows if rows is None else rows
-        return self.model.logits(hidden[rows.to(self.device)], self.kernels)
+        if self.tp is None:
+            return self.run(inputs, rows)
+        with self.tp.naming_dead_ranks():
+            self.tp.send_step(inputs, rows)
+            return self.run(inputs, rows)
+
+    @torch.inference_mode()
+    def run(self, inputs: BucketInputs, rows: torch.Tensor) -> torch.Tensor:
+        """The forward of the bucket whose buffers hold the step: logits (fp32) of rows."""
+        hidden = self.compiler.run(inputs.batch.bucket, lambda: self._body(inputs))
+        return self.model.logits(hidden[rows.to(self.device)], self.kernels, self.gather)
 
     def _body(self, inputs: BucketInputs) -> torch.Tensor:
         """The bucket's forward up to the last hidden states: only in-place writes and fixed shapes,
@@ -143,7 +172,7 @@ class Runner:
         cos = sin = None
         if self.rope is not None:
             cos, sin = self.rope.cos_sin(b.positions, b.context_lens)
-        x = self.model.embed_tokens(b.input_ids, b.positions)
+        x = self.model.embed_tokens(b.input_ids, b.positions, self.reduce)
         weights, g = self.layer_weights, self.group
         for i in range(0, len(weights), g):
             x = self.layers(x, weights[i : i + g], self.kv_caches[i : i + g], cos, sin, b.slots, inputs.masks)

@@ -56,6 +56,7 @@ class ModelArgs:
     experts_per_token: int = 0
     embed_dim: int | None = None  # OPT's word_embed_proj_dim when it differs from hidden_size
     position_offset: int = 0  # learned positions: row of position p is p + offset (OPT: 2)
+    vocab_shard: tuple[int, int] | None = None  # tensor parallelism: (first, count) of the vocabulary rows this rank's embed and lm_head hold
 
     @property
     def context_length(self) -> int | None:
@@ -89,15 +90,15 @@ def layer_shapes(a: ModelArgs) -> dict[str, tuple[int, ...] | None]:
 
 def top_shapes(a: ModelArgs) -> dict[str, tuple[int, ...] | None]:
     h, e = a.hidden_size, a.embed_dim or a.hidden_size
-    projected = e != h
+    projected, vocab = e != h, a.vocab_shard[1] if a.vocab_shard else a.vocab_size
     return {
-        "embed": (a.vocab_size, e),
+        "embed": (vocab, e),
         "pos_embed": (a.max_position_embeddings + a.position_offset, h) if a.rope is None else None,
         "project_in": (h, e) if projected else None,
         "norm": (h,) if a.final_norm else None,
         "norm_bias": (h,) if a.final_norm and a.norm == "layer" else None,
         "project_out": (e, h) if projected else None,
-        "lm_head": None if a.tie_word_embeddings else (a.vocab_size, e),
+        "lm_head": None if a.tie_word_embeddings else (vocab, e),
     }
 
 
@@ -126,10 +127,18 @@ AttendFn = Callable[..., torch.Tensor]
 LinearFn = Callable[[torch.Tensor, torch.Tensor | QuantizedWeight, torch.Tensor | None], torch.Tensor]
 Weights = dict[str, torch.Tensor | QuantizedWeight | None]
 LINEARS = ("wqkv", "wo", "w_up", "w_down")  # a layer's linear weights (2-D but for experts' stacked ones)
+# tensor parallelism (models/shard.py, engine/parallel.py): reduce(x) sums a row-parallel output over
+# the ranks; gather(x) concatenates every rank's x along the last dim (the lm_head's vocabulary shards)
+Collective = Callable[[torch.Tensor], torch.Tensor]
+
+
+def alone(x: torch.Tensor) -> torch.Tensor:
+    """One rank holds the whole model: nothing to combine (traces to nothing)."""
+    return x
 
 
 def attention(
-    x: torch.Tensor, w: Weights, kv_cache, cos, sin, slots, mask, a: ModelArgs, attend: AttendFn, linear: LinearFn
+    x: torch.Tensor, w: Weights, kv_cache, cos, sin, slots, mask, a: ModelArgs, attend: AttendFn, linear: LinearFn, reduce: Collective = alone
 ) -> torch.Tensor:
     n, hq, hkv, d = x.shape[0], a.num_heads, a.num_kv_heads, a.head_dim
     # 4-D all the way: torch 2.13's CPU flex lowering fails on 3-D buffers viewed as 4-D
@@ -139,10 +148,10 @@ def attention(
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     # attention runs in the pool's dtype (fp32 on CPU: see docs/architecture.md)
     out = attend(q, k, qkv[:, :, hq + hkv :], kv_cache, slots, mask)
-    return linear(out.to(x.dtype), w["wo"], w["bo"])
+    return reduce(linear(out.to(x.dtype), w["wo"], w["bo"]))
 
 
-def mlp(x: torch.Tensor, w: Weights, a: ModelArgs, linear: LinearFn) -> torch.Tensor:
+def mlp(x: torch.Tensor, w: Weights, a: ModelArgs, linear: LinearFn, reduce: Collective = alone) -> torch.Tensor:
     act = ACTIVATIONS[a.activation]
     up = linear(x, w["w_up"], w["b_up"])
     if a.gated_mlp:
@@ -150,10 +159,10 @@ def mlp(x: torch.Tensor, w: Weights, a: ModelArgs, linear: LinearFn) -> torch.Te
         up = act(gate) * up
     else:
         up = act(up)
-    return linear(up, w["w_down"], w["b_down"])
+    return reduce(linear(up, w["w_down"], w["b_down"]))
 
 
-def experts(x: torch.Tensor, w: Weights, a: ModelArgs) -> torch.Tensor:
+def experts(x: torch.Tensor, w: Weights, a: ModelArgs, reduce: Collective = alone) -> torch.Tensor:
     """Top-k mixture of experts at fixed shapes: every expert runs on every token and the
     router's renormalised top-k weights (zero elsewhere) mix them. No data-dependent
     control flow, so it compiles into the bucket's graph; the cost is num_experts / k
@@ -164,7 +173,7 @@ def experts(x: torch.Tensor, w: Weights, a: ModelArgs) -> torch.Tensor:
     up = torch.matmul(x, w["w_up"].transpose(1, 2))  # (experts, tokens, 2 * intermediate)
     gate, up = up.chunk(2, dim=-1)
     out = torch.matmul(ACTIVATIONS[a.activation](gate) * up, w["w_down"].transpose(1, 2))  # (experts, tokens, hidden)
-    return (out.float() * mix.t()[:, :, None]).sum(dim=0).to(x.dtype)
+    return reduce((out.float() * mix.t()[:, :, None]).sum(dim=0).to(x.dtype))
 
 
 def decoder_layer(
@@ -179,16 +188,17 @@ def decoder_layer(
     args: ModelArgs,
     attend: AttendFn,
     linear: LinearFn = F.linear,
+    reduce: Collective = alone,
 ) -> torch.Tensor:
     """One block, x: (tokens, hidden). Pre-norm: x + Attn(Norm(x)), then + MLP(Norm(x));
     post-norm (OPT-350m): Norm(x + Attn(x)), then Norm(x + MLP(x))."""
     a = args
     h = norm(x, w["attn_norm"], w["attn_norm_bias"], a) if a.pre_norm else x
-    x = x + attention(h, w, kv_cache, cos, sin, slots, mask, a, attend, linear)
+    x = x + attention(h, w, kv_cache, cos, sin, slots, mask, a, attend, linear, reduce)
     if not a.pre_norm:
         x = norm(x, w["attn_norm"], w["attn_norm_bias"], a)
     h = norm(x, w["mlp_norm"], w["mlp_norm_bias"], a) if a.pre_norm else x
-    x = x + (experts(h, w, a) if a.num_experts else mlp(h, w, a, linear))
+    x = x + (experts(h, w, a, reduce) if a.num_experts else mlp(h, w, a, linear, reduce))
     return x if a.pre_norm else norm(x, w["mlp_norm"], w["mlp_norm_bias"], a)
 
 
@@ -217,18 +227,27 @@ class Decoder(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(args) for _ in range(args.num_layers))
         self.quantized: dict[str, QuantizedWeight] = {}  # the lm_head's, when quantized
 
-    def embed_tokens(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        x = self.embed[ids]
+    def embed_tokens(self, ids: torch.Tensor, positions: torch.Tensor, reduce: Collective = alone) -> torch.Tensor:
+        if self.args.vocab_shard is None:
+            x = self.embed[ids]
+        else:  # this rank's rows, zeros for the others' tokens: the sum over ranks is the lookup
+            first, count = self.args.vocab_shard
+            local = ids - first
+            held = (local >= 0) & (local < count)
+            x = reduce(torch.where(held[:, None], self.embed[local.clamp(0, count - 1)], 0))
         if self.project_in is not None:
             x = F.linear(x, self.project_in)
         if self.pos_embed is not None:
             x = x + self.pos_embed[positions.long() + self.args.position_offset]
         return x
 
-    def logits(self, hidden: torch.Tensor, linear: LinearFn = F.linear) -> torch.Tensor:
+    def logits(self, hidden: torch.Tensor, linear: LinearFn = F.linear, gather: Collective = alone) -> torch.Tensor:
         """Final norm and lm_head on the rows to sample only (vocab is the biggest matmul)."""
         if self.norm is not None:
             hidden = norm(hidden, self.norm, self.norm_bias, self.args)
         if self.project_out is not None:
             hidden = F.linear(hidden, self.project_out)
-        return linear(hidden, self.quantized.get("lm_head", self.lm_head), None).float()
+        logits = linear(hidden, self.quantized.get("lm_head", self.lm_head), None)
+        if self.args.vocab_shard is not None:  # every rank's vocabulary rows, less the padding past the vocabulary
+            logits = gather(logits)[:, : self.args.vocab_size]
+        return logits.float()

