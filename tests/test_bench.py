@@ -14,7 +14,7 @@ from fastgen_compile.bench.clients import closed_loop, poisson
 from fastgen_compile.bench.metrics import SLA, Trace, distribution, summarize
 from fastgen_compile.bench.report import PLOTS
 from fastgen_compile.bench.systems import missing_engines
-from fastgen_compile.bench.workload import Request, normal_lengths
+from fastgen_compile.bench.workload import Request, multi_turn_workload, normal_lengths
 from fastgen_compile.cli import main
 
 
@@ -99,11 +99,25 @@ def test_poisson_arrivals_do_not_wait_for_answers():
     assert max(system.sent) - min(system.sent) < 0.25  # all sent long before 6 x 50 ms of answers
 
 
+def engine_flags(config: dict) -> list[str]:
+    """The conftest engines' configuration as bench flags (their compiled graphs are reused)."""
+    return ["--dtype", "float32", "--buckets", *map(str, config["buckets"]), "--decode-rows", str(config["decode_rows"]),
+            "--page-size", str(config["page_size"]), "--q-block", str(config["q_block"]), "--kv-pages", str(config["kv_pages"])]
+
+
+def test_multi_turn_requests_resend_their_history(hf_tokenizer):
+    requests = multi_turn_workload(hf_tokenizer, 6, opening_mean=40, question_mean=8, gen_mean=5, turns=3)
+    first, second = requests[0::2], requests[1::2]  # two conversations, turn-major
+    for conversation in (first, second):
+        for earlier, later in zip(conversation, conversation[1:]):
+            grown = len(later.prompt_token_ids) - len(earlier.prompt_token_ids)
+            assert later.prompt_token_ids[: len(earlier.prompt_token_ids)] == earlier.prompt_token_ids
+            assert grown > earlier.max_new_tokens  # the answer's stand-in, then the next question
+
+
 def test_bench_quick_run_accounts_for_every_token(tmp_path, engine_config):
     out = tmp_path / "bench"
-    argv = ["bench", "--requests", "3", "--prompt-mean", "40", "--gen-mean", "5", "--clients", "1", "2", "--out", str(out),
-            "--dtype", "float32", "--buckets", *map(str, engine_config["buckets"]), "--decode-rows", str(engine_config["decode_rows"]),
-            "--page-size", str(engine_config["page_size"]), "--q-block", str(engine_config["q_block"]), "--kv-pages", str(engine_config["kv_pages"])]
+    argv = ["bench", "--requests", "3", "--prompt-mean", "40", "--gen-mean", "5", "--clients", "1", "2", "--out", str(out), *engine_flags(engine_config)]
     assert main(argv) == 0
     report = json.loads((out / "serving.json").read_text())
     settings, results = report["settings"], report["results"]
@@ -127,3 +141,21 @@ def test_bench_quick_run_accounts_for_every_token(tmp_path, engine_config):
     assert set(report["comparisons"]) == {"splitfuse vs prefill_first", "splitfuse vs fixed budget", "splitfuse vs transformers CB"}
     for name in PLOTS:
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_shared_prefix_compares_the_prefix_cache_on_and_off(tmp_path, engine_config):
+    out = tmp_path / "bench"
+    argv = ["bench", "--workload", "shared_prefix", "--requests", "3", "--prefix-tokens", "64", "--question-mean", "8", "--gen-mean", "3",
+            "--clients", "1", "--out", str(out), *engine_flags(engine_config), "--no-compile"]  # eager: what is counted is the same, no graphs to build
+    assert main(argv) == 0
+    report = json.loads((out / "serving.json").read_text())
+    on, off = report["results"]
+    assert (on["system"], off["system"]) == ("fastgen splitfuse", "fastgen splitfuse nocache")
+    prompts = on["prompt_lengths"]
+    assert all(65 <= n <= 80 for n in prompts)  # the document's 4 pages, then a question within the 5th page
+    # one client: the first request computes the document, the next two take its 4 pages
+    assert on["prefix_cache"] == {"queried_tokens": sum(prompts), "hit_tokens": 2 * 64}
+    assert off["prefix_cache"] == {"queried_tokens": 0, "hit_tokens": 0}
+    assert sum(s["prompt_tokens"] for s in on["steps"]) == sum(prompts) - 2 * 64
+    assert sum(s["prompt_tokens"] for s in off["steps"]) == sum(prompts)
+    assert list(report["comparisons"]) == ["prefix cache on vs off"]

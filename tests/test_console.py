@@ -20,8 +20,8 @@ from rich.console import Console
 
 from fastgen_compile import SamplingParams, cli
 from fastgen_compile.corpus import corpus
-from fastgen_compile.engine.engine import StepStats
-from fastgen_compile.entrypoints.console import CHART_WIDTH, ChatConsole, step_bar
+from fastgen_compile.engine.engine import EngineSnapshot, StepStats
+from fastgen_compile.entrypoints.console import CHART_WIDTH, ChatConsole, prefix_cache_line, step_bar
 
 GREEDY = SamplingParams(max_new_tokens=8, temperature=0)
 FRANCE, ITALY = "What is the capital of France?", "And of Italy?"
@@ -49,6 +49,16 @@ def test_step_bar_draws_each_step_to_the_token_budget():
     # a full prompt-only step fills every cell
     full = step_bar(StepStats(bucket=64, decode_tokens=0, prompt_tokens=64, num_seqs=2, seconds=0.2), budget=64)
     assert full.plain.startswith("▒" * CHART_WIDTH + "   0+64 ")
+
+
+def test_prefix_cache_line_shows_the_hit_rate():
+    def snap(queried: int, hit: int, cached: int) -> EngineSnapshot:
+        return EngineSnapshot(running=0, waiting=0, pages_used=0, pages_free=100, pages_cached=cached, prefix_queried_tokens=queried,
+                              prefix_hit_tokens=hit, num_steps=0, recent_steps=[])
+
+    assert prefix_cache_line(snap(400, 300, 12), enabled=True) == "hit 75% of 400 prompt tokens · 12 pages cached"
+    assert prefix_cache_line(snap(0, 0, 0), enabled=True) == "no prompt yet"
+    assert prefix_cache_line(snap(400, 300, 12), enabled=False) == "off"
 
 
 def test_a_bad_sampling_flag_fails_before_the_model_loads(capsys):
@@ -90,6 +100,9 @@ def test_chat_turns_and_commands(llm_compiled, wait_idle, idle_free_pages):
     # /stats: the panel, while the two clients' requests run beside the chat
     assert re.search(r"seqs +\d running · \d waiting · /load: 2 clients, \d+ done", transcript)
     assert re.search(r"KV pages +[█░]{32} \d+ used · \d+ free", transcript)
+    # the second turn resent the first: its chat template's leading pages came from the prefix cache
+    hit = re.search(r"prefix cache +hit (\d+)% of \d+ prompt tokens · \d+ pages cached", transcript)
+    assert hit and int(hit.group(1)) > 0
     assert "▒" in transcript  # a step in the chart carried prompt-chunk tokens
     assert "background clients stopped" in transcript
     assert "conversation cleared" in transcript and "you> never read" not in transcript

@@ -50,6 +50,15 @@ def test_unary_equals_streaming_and_the_http_api(rpc, server, hf_tokenizer):
     assert whole[0].generated_text == text
 
 
+def test_a_repeated_prompt_reports_its_cached_prompt_length(rpc):
+    prompt = "gRPC and the prefix cache: " + " ".join(["the quick brown fox jumps over the lazy dog"] * 8)
+    (first,) = rpc.generate(prompt, max_new_tokens=2, temperature=0)
+    pieces: list = []
+    (second,) = rpc.generate(prompt, streaming_fn=pieces.extend, max_new_tokens=2, temperature=0)
+    assert first.cached_prompt_length == 0
+    assert second.cached_prompt_length == (second.prompt_length - 1) // 16 * 16 > 0  # its full pages but the last token's (page size 16)
+
+
 def test_abort_by_request_id(rpc, server):
     result: list = []
     first = threading.Event()

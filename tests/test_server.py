@@ -163,6 +163,62 @@ def test_chat_logprobs(client, model):
         assert len(entry.top_logprobs) == 3 and entry.logprob == pytest.approx(entry.top_logprobs[0].logprob)
 
 
+# ---- prefix caching: usage, metrics, the reset -----------------------------------------
+
+PAGE_SIZE = 16  # SERVER_FLAGS' --page-size
+
+
+def cached_tokens(prompt_tokens: int) -> int:
+    """What a repeated prompt finds cached: its full pages, less the page of its last token (that one is computed, for its logits)."""
+    return (prompt_tokens - 1) // PAGE_SIZE * PAGE_SIZE
+
+
+def long_text(tag: str) -> str:
+    """~80 tokens that start with tag, so no other test's prompt shares its first page."""
+    return f"{tag}: " + " ".join(["the quick brown fox jumps over the lazy dog"] * 8)
+
+
+def streamed_usage(http: httpx.Client, route: str, body: dict) -> dict:
+    """The usage of a streamed request (include_usage): its last chunk's."""
+    with http.stream("POST", route, json={**body, "stream": True, "stream_options": {"include_usage": True}}) as r:
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    assert events[-1]["choices"] == [] and all("usage" not in e for e in events[:-1])
+    return events[-1]["usage"]
+
+
+def test_a_repeated_prompt_reports_its_cached_tokens_and_the_metrics_count_them(http):
+    queries, hits = metric(http, "fastgen_prefix_cache_queries_total"), metric(http, "fastgen_prefix_cache_hits_total")
+    body = {"prompt": long_text("Cached completion"), "max_tokens": 2, "temperature": 0}
+    first = http.post("/v1/completions", json=body).json()["usage"]
+    second = http.post("/v1/completions", json={**body, "n": 2}).json()["usage"]
+    n = first["prompt_tokens"]
+    assert n > 4 * PAGE_SIZE and second["prompt_tokens"] == n
+    assert first["prompt_tokens_details"] == {"cached_tokens": 0}
+    assert second["prompt_tokens_details"] == {"cached_tokens": cached_tokens(n)}  # its two choices share one prompt: counted once
+    # each of the three sequences looked its whole prompt up; the two of the second request found it
+    assert metric(http, "fastgen_prefix_cache_queries_total") == queries + 3 * n
+    assert metric(http, "fastgen_prefix_cache_hits_total") == hits + 2 * cached_tokens(n)
+    assert metric(http, "fastgen_kv_pages_cached") >= n // PAGE_SIZE
+
+
+def test_the_streamed_usage_chunk_carries_cached_tokens_and_reset_forgets_them(server, http):
+    messages = [{"role": "system", "content": long_text("Cached chat")}, {"role": "user", "content": "Say hi."}]
+    body = {"messages": messages, "max_tokens": 2, "temperature": 0}
+    first = streamed_usage(http, "/v1/chat/completions", body)
+    second = streamed_usage(http, "/v1/chat/completions", body)
+    assert first["prompt_tokens_details"] == {"cached_tokens": 0}
+    assert second["prompt_tokens_details"] == {"cached_tokens": cached_tokens(first["prompt_tokens"])} and second["prompt_tokens_details"]["cached_tokens"]
+    completion = streamed_usage(http, "/v1/completions", {"prompt": long_text("Cached chat"), "max_tokens": 2})
+    assert completion["prompt_tokens_details"]["cached_tokens"] == 0  # the chat template put other tokens first
+
+    with httpx.Client(base_url=server.http_url, timeout=30) as bare:
+        assert bare.post("/reset_prefix_cache").status_code == 401  # an admin route: behind the key
+    reset = http.post("/reset_prefix_cache")
+    assert reset.status_code == 200 and reset.json() == {"status": "ok"}
+    after = http.post("/v1/chat/completions", json=body).json()["usage"]
+    assert after["prompt_tokens"] == first["prompt_tokens"] and after["prompt_tokens_details"] == {"cached_tokens": 0}
+
+
 # ---- the other routes -----------------------------------------------------------------
 
 def test_health_version_and_tokenizer_routes_need_no_key(server, hf_tokenizer):

@@ -29,6 +29,7 @@ class Response:
     finish_reason: str | None = None  # None until the last reply
     prompt_length: int = 0
     generated_length: int = 0
+    cached_prompt_length: int = 0  # prompt tokens whose keys and values came from the server's prefix cache
 
 
 class Client:
@@ -59,6 +60,7 @@ class Client:
                     total.generated_text += piece.generated_text
                     total.token_ids += piece.token_ids
                     total.finish_reason, total.prompt_length, total.generated_length = piece.finish_reason, piece.prompt_length, piece.generated_length
+                    total.cached_prompt_length = piece.cached_prompt_length
                     streaming_fn([piece])
             return whole
         except grpc.RpcError as e:
@@ -86,7 +88,7 @@ def client(address: str) -> Client:
 
 
 def _response(g: pb.Generation) -> Response:
-    return Response(g.text, list(g.token_ids), g.finish_reason or None, g.prompt_length, g.generated_length)
+    return Response(g.text, list(g.token_ids), g.finish_reason or None, g.prompt_length, g.generated_length, g.cached_prompt_length)
 
 
 def _error(e: grpc.RpcError) -> Exception:

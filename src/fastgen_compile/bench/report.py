@@ -20,14 +20,20 @@ def table(results: list[dict]) -> Table:
     rates = list(results[0]["effective_throughput"])
     t = Table(title="serving benchmark (latencies in seconds; effective throughput @ SLA prompt/generation tokens/s)")
     for col in ("system", "load", "req/s", *(f"eff. req/s @{r}" for r in rates), "out tok/s", "TTFT p50", "TTFT p95",
-                "ITL p50", "ITL p95", "ITL p99", "e2e p95"):
+                "ITL p50", "ITL p95", "ITL p99", "e2e p95", "prefix hit"):
         t.add_column(col, justify="right")
     for r in results:
         ttft, itl, e2e = r["ttft_s"], r["inter_token_s"], r["end_to_end_s"]
         t.add_row(r["system"], load_of(r), f"{r['requests_per_s']:.3f}", *(f"{r['effective_throughput'][k]:.3f}" for k in rates),
                   f"{r['output_tok_per_s']:.1f}", f"{ttft['p50']:.2f}", f"{ttft['p95']:.2f}", f"{itl['p50']:.3f}", f"{itl['p95']:.3f}",
-                  f"{itl['p99']:.3f}", f"{e2e['p95']:.2f}")
+                  f"{itl['p99']:.3f}", f"{e2e['p95']:.2f}", prefix_hit(r))
     return t
+
+
+def prefix_hit(row: dict) -> str:
+    """The share of the prompt tokens the prefix cache served (engines of ours only)."""
+    cache = row.get("prefix_cache")
+    return f"{cache['hit_tokens'] / cache['queried_tokens']:.0%}" if cache and cache["queried_tokens"] else "-"
 
 
 def ratios(results: list[dict], ours: str, theirs: str) -> list[dict]:
@@ -40,6 +46,7 @@ def ratios(results: list[dict], ours: str, theirs: str) -> list[dict]:
             continue
         out.append({
             "load": load_of(a),
+            "p50_ttft_lower_by": _div(b["ttft_s"]["p50"], a["ttft_s"]["p50"]),
             "p95_itl_lower_by": _div(b["inter_token_s"]["p95"], a["inter_token_s"]["p95"]),
             "p99_itl_lower_by": _div(b["inter_token_s"]["p99"], a["inter_token_s"]["p99"]),
             "p95_e2e_lower_by": _div(b["end_to_end_s"]["p95"], a["end_to_end_s"]["p95"]),
@@ -56,17 +63,18 @@ def _div(a: float, b: float) -> float:
 def comparisons(results: list[dict]) -> dict[str, list[dict]]:
     pairs = {"splitfuse vs prefill_first": ("fastgen splitfuse", "fastgen prefill_first"),
              "splitfuse vs fixed budget": ("fastgen splitfuse", "fastgen splitfuse fixed"),
-             "splitfuse vs transformers CB": ("fastgen splitfuse", "transformers CB")}
+             "splitfuse vs transformers CB": ("fastgen splitfuse", "transformers CB"),
+             "prefix cache on vs off": ("fastgen splitfuse", "fastgen splitfuse nocache")}
     return {name: rows for name, (a, b) in pairs.items() if (rows := ratios(results, a, b))}
 
 
 def ratio_table(name: str, rows: list[dict]) -> Table:
     rates = list(rows[0]["effective_throughput_x"])
     t = Table(title=f"{name} (x: how many times better)")
-    for col in ("load", "P95 ITL", "P99 ITL", "P95 e2e", *(f"eff. thr. @{r}" for r in rates), "out tok/s"):
+    for col in ("load", "P50 TTFT", "P95 ITL", "P99 ITL", "P95 e2e", *(f"eff. thr. @{r}" for r in rates), "out tok/s"):
         t.add_column(col, justify="right")
     for r in rows:
-        t.add_row(r["load"], *(_times(r[k]) for k in ("p95_itl_lower_by", "p99_itl_lower_by", "p95_e2e_lower_by")),
+        t.add_row(r["load"], *(_times(r[k]) for k in ("p50_ttft_lower_by", "p95_itl_lower_by", "p99_itl_lower_by", "p95_e2e_lower_by")),
                   *(_times(v) for v in r["effective_throughput_x"].values()), _times(r["output_tok_per_s_x"]))
     return t
 

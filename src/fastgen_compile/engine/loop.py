@@ -101,6 +101,13 @@ class EngineLoop:
                 self._sinks.pop(request_id, None)
             self._work.notify()
 
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix before the next request is admitted; the thread is woken so
+        an idle engine forgets now (its snapshot and metrics show it)."""
+        self.engine.reset_prefix_cache()
+        with self._work:
+            self._work.notify()
+
     def close(self) -> None:
         """Stop the thread after its current step; requests still running fail with EngineDied.
         Idempotent, and safe from any thread, the loop's own included."""

@@ -83,6 +83,10 @@ class AsyncLLM:
             for index in unfinished:
                 self.loop.abort(ids[index])
 
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prompt prefix; requests submitted after this call find nothing cached."""
+        self.loop.reset_prefix_cache()
+
     def apply_chat_template(self, messages: list[dict[str, str]]) -> str:
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 

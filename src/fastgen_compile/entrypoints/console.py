@@ -43,7 +43,7 @@ MAX_LOAD = 64
 RATE_STEPS = 32  # steps the engine's rates are averaged over
 CHART_STEPS = 10  # steps in the rolling chart
 CHART_WIDTH = 32  # cells for the token budget (the largest bucket)
-PANEL_LINES = CHART_STEPS + 8  # the engine panel's height, so the live answer above it can be cropped to fit
+PANEL_LINES = CHART_STEPS + 9  # the engine panel's height, so the live answer above it can be cropped to fit
 
 
 @dataclass
@@ -161,7 +161,17 @@ def step_bar(step: StepStats, budget: int) -> Text:
     return bar
 
 
-def engine_panel(snap: EngineSnapshot, answer: Answer | None, load: BackgroundLoad, budget: int, title: str) -> Panel:
+def prefix_cache_line(snap: EngineSnapshot, enabled: bool) -> str:
+    """How much of the prompts the prefix cache served: a chat resends its history each turn, so hits grow with the turns."""
+    if not enabled:
+        return "off"
+    if not snap.prefix_queried_tokens:
+        return "no prompt yet"
+    return (f"hit {snap.prefix_hit_tokens / snap.prefix_queried_tokens:.0%} of {snap.prefix_queried_tokens} prompt tokens · "
+            f"{snap.pages_cached} pages cached")
+
+
+def engine_panel(snap: EngineSnapshot, answer: Answer | None, load: BackgroundLoad, budget: int, title: str, prefix_caching: bool = True) -> Panel:
     grid = Table.grid(padding=(0, 1))
     grid.add_column(style="bold", no_wrap=True)
     grid.add_column(no_wrap=True)
@@ -179,6 +189,7 @@ def engine_panel(snap: EngineSnapshot, answer: Answer | None, load: BackgroundLo
     used = round(snap.pages_used / max(pages, 1) * CHART_WIDTH)
     grid.add_row("KV pages", Text.assemble(("█" * used, "magenta"), ("░" * (CHART_WIDTH - used), "bright_black"),
                                             f" {snap.pages_used} used · {snap.pages_free} free"))
+    grid.add_row("prefix cache", prefix_cache_line(snap, prefix_caching))
     grid.add_row("bucket", Text.assemble(("█", "green"), " decode ", ("▒", "yellow"), " prompt chunk ", ("·", "bright_black"), " padding  (newest last)"))
     for step in snap.recent_steps[-CHART_STEPS:]:
         grid.add_row(f"{step.bucket:>6}", step_bar(step, budget))
@@ -283,7 +294,8 @@ class ChatConsole:
 
     def panel(self) -> Panel:
         snap = self.llm.engine.snapshot(RATE_STEPS)
-        return engine_panel(snap, self.answer, self.load, self.llm.engine.config.token_budget, self.title)
+        engine = self.llm.engine
+        return engine_panel(snap, self.answer, self.load, engine.config.token_budget, self.title, engine.pages.prefix_caching)
 
     # ---- commands --------------------------------------------------------------------
 

@@ -54,6 +54,11 @@ class LLM:
     def apply_chat_template(self, messages: list[dict[str, str]]) -> str:
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prompt prefix (e.g. before timing uncached prompts); requests running
+        keep their pages. Requests submitted after this call find nothing cached."""
+        self.loop.reset_prefix_cache()
+
     def close(self) -> None:
         """Stop the engine thread (also done at interpreter exit); idempotent."""
         self.loop.close()
@@ -118,6 +123,9 @@ class Pipeline:
 
     def __call__(self, prompts: str | list[str], **sampling) -> list[RequestOutput]:
         return self.llm.generate(prompts, SamplingParams(**sampling))
+
+    def reset_prefix_cache(self) -> None:
+        self.llm.reset_prefix_cache()
 
 
 def pipeline(model: str | None = None, **config) -> Pipeline:

@@ -34,7 +34,8 @@ def sampling_params(s: pb.Sampling) -> SamplingParams:
 
 def generation(index: int, out: RequestOutput, delta: bool) -> pb.Generation:
     return pb.Generation(index=index, text=out.delta_text if delta else out.text, token_ids=out.delta_token_ids if delta else out.token_ids,
-                         finish_reason=out.finish_reason or "", prompt_length=len(out.prompt_token_ids), generated_length=len(out.token_ids))
+                         finish_reason=out.finish_reason or "", prompt_length=len(out.prompt_token_ids), generated_length=len(out.token_ids),
+                         cached_prompt_length=out.num_cached_tokens)
 
 
 class TextGeneration(pb_grpc.TextGenerationServicer):

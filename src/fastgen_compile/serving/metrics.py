@@ -1,6 +1,6 @@
 """The server's Prometheus metrics (vLLM's names with a fastgen_ prefix), in a registry of its own.
 
-The engine's load (running, waiting, pages, preemptions) is read when Prometheus scrapes;
+The engine's load (running, waiting, pages, preemptions, prefix cache hits) is read when Prometheus scrapes;
 request latencies are observed by Service as outputs pass through it. A Ray Serve ingress holds
 no engine: its gauges are the replicas' (serving/replicas.py), its latencies those it relays.
 """
@@ -28,6 +28,7 @@ def engine_gauges(engine: Engine) -> Gauges:
         "requests_waiting": ("requests queued for admission", lambda: engine.num_waiting),
         "kv_pages_used": ("KV cache pages held by requests", lambda: engine.pages.num_used),
         "kv_pages_total": ("KV cache pages in the pool", lambda: engine.pages.num_pages),
+        "kv_pages_cached": ("KV cache pages holding a cached prompt prefix, in use or not", lambda: engine.pages.num_cached),
     }
 
 
@@ -69,3 +70,8 @@ class _EngineCounters(Collector):
         yield CounterMetricFamily("fastgen_preemptions", "sequences preempted for KV pages (recomputed later)", value=self.engine.scheduler.num_preemptions)
         # a graph compiled after warmup: a shape or guard changed in the hot path, a bug to report
         yield CounterMetricFamily("fastgen_recompiles", "graphs compiled after warmup", value=self.engine.compiler.recompiles_since_warmup())
+        # tokens, as vLLM counts them: hits / queries is the prefix cache's hit rate over any window
+        pages = self.engine.pages
+        yield CounterMetricFamily("fastgen_prefix_cache_queries", "prompt tokens looked up in the prefix cache, once per admission",
+                                  value=pages.num_queried_tokens)
+        yield CounterMetricFamily("fastgen_prefix_cache_hits", "of them, tokens found cached (their KV not computed)", value=pages.num_hit_tokens)

@@ -1,7 +1,8 @@
 """The OpenAI-compatible HTTP face: a plain ASGI app (FastAPI) over Service.
 
-/v1/* needs the API key when one is set; /health, /version, /metrics and the tokenizer routes
-do not (as in vLLM). A request whose client goes away, streaming or not, is aborted.
+/v1/* and the admin route POST /reset_prefix_cache need the API key when one is set; /health,
+/version, /metrics and the tokenizer routes do not (as in vLLM). A request whose client goes
+away, streaming or not, is aborted.
 """
 
 from __future__ import annotations
@@ -26,10 +27,11 @@ from fastgen_compile.errors import EngineDied, RequestError
 from fastgen_compile.request import RequestOutput
 from fastgen_compile.serving.protocol import ChatRequest, CompletionRequest, DetokenizeRequest, ErrorType, Sampling, TokenizeRequest
 from fastgen_compile.serving.responses import Reply, new_logprobs, usage
-from fastgen_compile.serving.service import Draining, Overloaded, Service
+from fastgen_compile.serving.service import Draining, Overloaded, Service, Unsupported
 
 M = TypeVar("M", bound=BaseModel)
 REPLICA_HEADER = "x-fastgen-replica"
+ADMIN_PATHS = ("/reset_prefix_cache",)  # vLLM's paths, outside /v1/ but behind the key: they change what every client gets
 
 
 @dataclass
@@ -81,7 +83,7 @@ class Gate:
         declared = headers.get("content-length", "")
         if declared.isdigit() and int(declared) > self.state.max_body_bytes:
             return ApiError(413, f"the body of {declared} bytes exceeds the limit of {self.state.max_body_bytes}")
-        if not scope["path"].startswith("/v1/"):
+        if not scope["path"].startswith("/v1/") and scope["path"] not in ADMIN_PATHS:
             return None
         key = self.state.api_key
         if key is not None:
@@ -189,6 +191,10 @@ def build_app(state: ServerState) -> FastAPI:
     async def _died(_: Request, e: EngineDied) -> JSONResponse:
         return error_response(ApiError(503, str(e), "server_error"))
 
+    @app.exception_handler(Unsupported)
+    async def _unsupported(_: Request, e: Unsupported) -> JSONResponse:
+        return error_response(ApiError(501, str(e), "server_error"))
+
     @app.exception_handler(HTTPException)
     async def _http(_: Request, e: HTTPException) -> JSONResponse:
         kind: ErrorType = "not_found_error" if e.status_code == 404 else "invalid_request_error"
@@ -209,6 +215,12 @@ def build_app(state: ServerState) -> FastAPI:
         from prometheus_client import CONTENT_TYPE_LATEST
 
         return Response(service().metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post("/reset_prefix_cache")
+    async def reset_prefix_cache() -> dict:
+        """Forget every cached prompt prefix (e.g. to time cold prompts); queued before the next request's admission."""
+        service().reset_prefix_cache()
+        return {"status": "ok"}
 
     @app.get("/v1/models")
     async def models() -> dict:
@@ -354,8 +366,9 @@ def chat_text(tokenizer, messages) -> str:
 
 
 def request_usage(outputs: list[RequestOutput | None], n: int) -> dict:
-    """Each prompt counted once (its n choices share it), every choice's tokens counted."""
+    """Each prompt counted once (its n choices share it; its first choice's cache hit stands for
+    them), every choice's tokens counted."""
     done = [o for o in outputs if o is not None]
-    prompt = sum(len(o.prompt_token_ids) for k, o in enumerate(outputs) if o is not None and k % n == 0)
-    return usage(prompt, sum(len(o.token_ids) for o in done))
+    prompts = [o for k, o in enumerate(outputs) if o is not None and k % n == 0]
+    return usage(sum(len(o.prompt_token_ids) for o in prompts), sum(len(o.token_ids) for o in done), sum(o.num_cached_tokens for o in prompts))
 

@@ -36,7 +36,7 @@ from fastgen_compile.serving.grpc_server import TextGeneration
 from fastgen_compile.serving.metrics import Metrics
 from fastgen_compile.serving.openai_api import ServerState, build_app
 from fastgen_compile.serving.proto import fastgen_pb2 as pb
-from fastgen_compile.serving.service import ModelCard, Service
+from fastgen_compile.serving.service import ModelCard, Service, Unsupported
 
 APP_NAME = "fastgen"
 REPLICA_LOST = (ActorDiedError, ActorUnavailableError, RayActorError, DeploymentUnavailableError, BackPressureError)
@@ -229,6 +229,11 @@ class ReplicaSet:
     def abort(self, request_id: int) -> None:
         if (event := self._aborts.get(request_id)) is not None:
             event.set()
+
+    def reset_prefix_cache(self) -> None:
+        # a call through the handle reaches the one replica the router picks, not each of them
+        raise Unsupported("resetting the prefix cache is not supported with --replicas: each replica has its own cache and "
+                          "Ray Serve routes a call to one of them; restart the application to clear them")
 
 
 async def _until(response: DeploymentResponseGenerator, abort: asyncio.Event) -> AsyncIterator[RequestOutput]:

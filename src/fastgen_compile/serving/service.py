@@ -29,6 +29,10 @@ class Draining(Exception):
     """The server is shutting down and takes no new requests (HTTP 503, gRPC UNAVAILABLE)."""
 
 
+class Unsupported(Exception):
+    """The backend cannot do what was asked (HTTP 501)."""
+
+
 @dataclass(frozen=True)
 class ModelCard:
     """What the API says about the model, and the tokenizer it formats with: picklable, so a Ray
@@ -58,6 +62,9 @@ class Backend(Protocol):
         """All accepted (or RequestError raised, none runs), then their outputs."""
 
     def abort(self, request_id: int) -> None: ...
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prompt prefix (Unsupported where it cannot)."""
 
 
 @dataclass
@@ -101,6 +108,9 @@ class Service:
     def abort(self, request_ids: Seq[int]) -> None:
         for rid in request_ids:  # finished ones are no-ops
             self.backend.abort(rid)
+
+    def reset_prefix_cache(self) -> None:
+        self.backend.reset_prefix_cache()
 
     async def _observe(self, outputs: RequestStreams) -> AsyncIterator[tuple[int, RequestOutput]]:
         arrival = time.perf_counter()

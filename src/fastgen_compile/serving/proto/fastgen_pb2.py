@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n+fastgen_compile/serving/proto/fastgen.proto\x12\x07\x66\x61stgen\"\xb2\x02\n\x08Sampling\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\x05\x12\x17\n\nignore_eos\x18\x08 \x01(\x08H\x05\x88\x01\x01\x12\x17\n\nmin_tokens\x18\t \x01(\x05H\x06\x88\x01\x01\x42\x11\n\x0f_max_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x07\n\x05_seedB\r\n\x0b_ignore_eosB\r\n\x0b_min_tokens\"[\n\x0fGenerateRequest\x12\x0f\n\x07prompts\x18\x01 \x03(\t\x12#\n\x08sampling\x18\x02 \x01(\x0b\x32\x11.fastgen.Sampling\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"\x84\x01\n\nGeneration\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x15\n\rprompt_length\x18\x05 \x01(\r\x12\x18\n\x10generated_length\x18\x06 \x01(\r\"M\n\rGenerateReply\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12(\n\x0bgenerations\x18\x02 \x03(\x0b\x32\x13.fastgen.Generation\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1d\n\nAbortReply\x12\x0f\n\x07\x61\x62orted\x18\x01 \x01(\x08\x32\xc9\x01\n\x0eTextGeneration\x12<\n\x08Generate\x12\x18.fastgen.GenerateRequest\x1a\x16.fastgen.GenerateReply\x12\x44\n\x0eGenerateStream\x12\x18.fastgen.GenerateRequest\x1a\x16.fastgen.GenerateReply0\x01\x12\x33\n\x05\x41\x62ort\x12\x15.fastgen.AbortRequest\x1a\x13.fastgen.AbortReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n+fastgen_compile/serving/proto/fastgen.proto\x12\x07\x66\x61stgen\"\xb2\x02\n\x08Sampling\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\x05\x12\x17\n\nignore_eos\x18\x08 \x01(\x08H\x05\x88\x01\x01\x12\x17\n\nmin_tokens\x18\t \x01(\x05H\x06\x88\x01\x01\x42\x11\n\x0f_max_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x07\n\x05_seedB\r\n\x0b_ignore_eosB\r\n\x0b_min_tokens\"[\n\x0fGenerateRequest\x12\x0f\n\x07prompts\x18\x01 \x03(\t\x12#\n\x08sampling\x18\x02 \x01(\x0b\x32\x11.fastgen.Sampling\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"\xa2\x01\n\nGeneration\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x15\n\rprompt_length\x18\x05 \x01(\r\x12\x18\n\x10generated_length\x18\x06 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_length\x18\x07 \x01(\r\"M\n\rGenerateReply\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12(\n\x0bgenerations\x18\x02 \x03(\x0b\x32\x13.fastgen.Generation\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1d\n\nAbortReply\x12\x0f\n\x07\x61\x62orted\x18\x01 \x01(\x08\x32\xc9\x01\n\x0eTextGeneration\x12<\n\x08Generate\x12\x18.fastgen.GenerateRequest\x1a\x16.fastgen.GenerateReply\x12\x44\n\x0eGenerateStream\x12\x18.fastgen.GenerateRequest\x1a\x16.fastgen.GenerateReply0\x01\x12\x33\n\x05\x41\x62ort\x12\x15.fastgen.AbortRequest\x1a\x13.fastgen.AbortReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,13 +36,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATEREQUEST']._serialized_start=365
   _globals['_GENERATEREQUEST']._serialized_end=456
   _globals['_GENERATION']._serialized_start=459
-  _globals['_GENERATION']._serialized_end=591
-  _globals['_GENERATEREPLY']._serialized_start=593
-  _globals['_GENERATEREPLY']._serialized_end=670
-  _globals['_ABORTREQUEST']._serialized_start=672
-  _globals['_ABORTREQUEST']._serialized_end=706
-  _globals['_ABORTREPLY']._serialized_start=708
-  _globals['_ABORTREPLY']._serialized_end=737
-  _globals['_TEXTGENERATION']._serialized_start=740
-  _globals['_TEXTGENERATION']._serialized_end=941
+  _globals['_GENERATION']._serialized_end=621
+  _globals['_GENERATEREPLY']._serialized_start=623
+  _globals['_GENERATEREPLY']._serialized_end=700
+  _globals['_ABORTREQUEST']._serialized_start=702
+  _globals['_ABORTREQUEST']._serialized_end=736
+  _globals['_ABORTREPLY']._serialized_start=738
+  _globals['_ABORTREPLY']._serialized_end=767
+  _globals['_TEXTGENERATION']._serialized_start=770
+  _globals['_TEXTGENERATION']._serialized_end=971
 # @@protoc_insertion_point(module_scope)
