@@ -162,6 +162,8 @@ def pack(
             full.extend(blocks, full_lo, full_hi, pages)
             partial.extend(blocks, lo, full_lo, pages)
             partial.extend(blocks, full_hi, n_visible, pages)
+        if bits:  # sequences sharing cached pages in one query block: list each page once
+            partial.dedupe()
         lists.append(BlockLists(partial.counts(), partial.indices(), full.counts(), full.indices()))
     chunk_rows = [np.concatenate(rows) for rows in rows_of]
     sample_rows = [rows[-1] for c, rows in zip(plan.chunks, chunk_rows) if c.samples]
@@ -199,6 +201,15 @@ class PageLists:
         dst = (self.count[blocks][:, None] + j[None, :])[take]
         self.pages[rows, dst] = pages[(lo[:, None] + j[None, :])[take]]
         self.count[blocks] += (hi - lo).astype(np.int32)
+
+    def dedupe(self) -> None:
+        """Each page once per block: a page listed twice would be attended twice (softmax counts it
+        double). Only blocks that mix sequences can hold a page twice, and only a cached one."""
+        for block in np.flatnonzero(self.count > 1):
+            pages = np.unique(self.pages[block, : self.count[block]])
+            if len(pages) < self.count[block]:
+                self.pages[block, : len(pages)] = pages
+                self.count[block] = len(pages)
 
     def counts(self) -> torch.Tensor:
         return torch.from_numpy(self.count).view(1, 1, -1)
