@@ -168,6 +168,19 @@ def test_chat_applies_the_chat_template(llm, hf_tokenizer):
     assert "<|im_end|>" not in out.text
 
 
+def test_reset_prefix_cache_forgets_every_cached_prompt(llm, wait_idle):
+    prompt = "LLM.reset_prefix_cache: " + " ".join(["the quick brown fox jumps over the lazy dog"] * 8)
+    params = SamplingParams(max_new_tokens=2, temperature=0)
+    (cold,) = llm.generate([prompt], params)
+    (warm,) = llm.generate([prompt], params)
+    page = llm.engine.config.page_size
+    assert cold.num_cached_tokens == 0 and warm.num_cached_tokens == (len(warm.prompt_token_ids) - 1) // page * page > 0
+    llm.reset_prefix_cache()
+    assert wait_idle(llm) and llm.engine.snapshot().pages_cached == 0  # an idle engine forgets at once
+    (again,) = llm.generate([prompt], params)
+    assert again.num_cached_tokens == 0 and again.token_ids == warm.token_ids == cold.token_ids
+
+
 def test_pipeline_call(llm):
     outs = Pipeline(llm)(["The capital of France is"], max_new_tokens=8)
     assert len(outs) == 1
