@@ -147,9 +147,11 @@ def test_the_key_covers_every_knob_that_changes_the_graphs(tmp_path):
     args = ModelArgs(512, 64, 128, 2, 4, 2, 16, 1e-5, 256, False, rope)
     base = dict(dtype="float32", buckets=(16, 48), decode_rows=16, page_size=16, q_block=16)
 
-    def folder(pages: int = 32, model_files=(("model.safetensors", 10, 1),), model_args=args, decode_kernel=True, quantized=None, **knobs):
+    def folder(pages: int = 32, model_files=(("model.safetensors", 10, 1),), model_args=args, decode_kernel=True, quantized=None, prefix_caching=True,
+               **knobs):
         config = EngineConfig(**(base | knobs))
-        return GraphCache.for_engine(tmp_path, "tiny", list(model_files), model_args, config, pages, decode_kernel, quantized or {}).folder
+        return GraphCache.for_engine(tmp_path, "tiny", list(model_files), model_args, config, pages, decode_kernel, quantized or {},
+                                     prefix_caching).folder
 
     same = folder()
     assert folder(max_seqs=3) == same and folder(policy="prefill_first") == same and folder(max_model_len=100) == same
@@ -166,6 +168,7 @@ def test_the_key_covers_every_knob_that_changes_the_graphs(tmp_path):
         folder(decode_kernel=False),  # asked for but not built: decode rows run FlexAttention
         folder(quantized={"layers": "int4"}),  # what was quantized, not the knob: auto follows the checkpoint
         folder(linear_kernel="aten"),
+        folder(prefix_caching=False),  # the engine's decision (off for sliding windows): the mask reads cached pages or not
     ]
     assert len({same, *changed}) == len(changed) + 1
 

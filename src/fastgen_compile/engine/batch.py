@@ -92,12 +92,12 @@ def place(plan: StepPlan, bucket: int, decode_rows: int) -> list[Piece]:
 
 def cached_prefix_bits(plan: StepPlan, page_size: int, page_bits: np.ndarray) -> dict[int, int]:
     """A bit for each chunk whose sequence took pages from the prefix cache, set in page_bits on those
-    pages. Their slots carry the tag of whichever sequence wrote them, so where a query block mixes
-    sequences (and the mask decides), a row sees them through its bit. Bits repeat every BITS
+    pages. Their slots carry the tag of whichever sequence wrote them, so wherever the mask decides
+    (a query block mixing sequences; every page in eager attention), a row sees them through its bit. Bits repeat every BITS
     chunks: a block of at most BITS rows never holds two chunks with the same bit."""
     bits: dict[int, int] = {}
     for i, c in enumerate(plan.chunks):
-        if c.seq.num_cached_tokens and not c.is_decode:  # decode rows: 1-row blocks see their past pages whole
+        if c.seq.num_cached_tokens:  # decodes too: with decode_rows=0 they share blocks, and eager attention masks every page
             bits[i] = len(bits) % BITS
             page_bits[c.seq.page_table[: c.seq.num_cached_tokens // page_size]] |= 1 << bits[i]
     return bits
