@@ -64,7 +64,11 @@ def test_two_replicas_run_as_processes_and_share_the_graphs(ray_server, http):
     server, started = ray_server
     assert "2 replicas x 1 threads on a local Ray instance" in server.ready_line
     assert len(descendants(server, started)) == 2
-    assert http.get("/health").json() == {"status": "ok", "replicas": {"running": 2, "target": 2}}
+    # /health counts what Ray Serve's controller reports, polled each second: it may lag the ready line by a poll
+    deadline = time.monotonic() + 30
+    while (health := http.get("/health").json())["replicas"]["running"] < 2 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert health == {"status": "ok", "replicas": {"running": 2, "target": 2}}
 
 
 def test_the_openai_client_gets_the_in_process_engines_greedy_text(oai, llm_compiled):
