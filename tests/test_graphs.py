@@ -33,6 +33,8 @@ knobs, prompts, new_tokens = json.loads(sys.argv[1]), json.loads(sys.argv[2]), i
 with LLM(**knobs) as llm:
     outs = llm.generate(prompt_token_ids=prompts, sampling_params=SamplingParams(max_new_tokens=new_tokens, temperature=0, ignore_eos=True))
     print(json.dumps({"tokens": [o.token_ids for o in outs], "inductor": counters["inductor"], "aot_autograd": counters["aot_autograd"],
+                      "dynamo": counters["stats"], "compiled": llm.engine.compiler.graphs_compiled,
+                      "warmups": [[w.bucket, w.cache] for w in llm.engine.compiler.warmups],
                       "folder": str(llm.engine.compiler.graph_cache.folder), "fields": llm.engine.compiler.graph_cache.fields}))
 """
 
@@ -71,14 +73,15 @@ def test_warmup_command_compiles_and_saves_with_a_manifest(warmed):
     fields = manifest["fields"]
     assert (fields["buckets"], fields["page_size"], fields["decode_rows"], fields["q_block"], fields["kv_pages"]) == ([16], 16, 0, 16, 32)
     assert fields["torch"] == torch.__version__ and fields["dtype"] == "float32" and fields["device"] == "cpu"
-    assert any(name.startswith("inductor/") for name in manifest["files"])
+    assert any(name.startswith("inductor/") for name in manifest["files"]) and "precompiled/16.bin" in manifest["files"]
 
 
 def test_fresh_process_with_a_warm_cache_compiles_nothing(warmed):
     model, graphs, _, reference = warmed
     result, stderr = serve(model, graphs)
-    assert result["inductor"].get("fxgraph_cache_miss", 0) == 0 and result["inductor"]["fxgraph_cache_hit"] == 1
-    assert result["aot_autograd"].get("autograd_cache_miss", 0) == 0 and result["aot_autograd"]["autograd_cache_hit"] == 1
+    # the precompiled graph loaded: dynamo traced nothing, inductor compiled nothing
+    assert result["warmups"] == [[16, "hit"]] and result["compiled"] == 0
+    assert result["dynamo"].get("unique_graphs", 0) == 0 and result["inductor"].get("fxgraph_cache_miss", 0) == 0
     assert result["tokens"] == reference
     assert "unusable" not in stderr
 
@@ -96,7 +99,7 @@ def test_a_corrupt_artifact_is_reported_in_one_line_and_rebuilt_with_identical_o
     result, stderr = serve(model, graphs, warmup=False)  # compiled again on first use, and saved then
     reports = [line for line in stderr.splitlines() if "unusable" in line]
     assert len(reports) == 1 and f"corrupt: {name} does not match its checksum" in reports[0] and "rebuilding" in reports[0]
-    assert result["inductor"]["fxgraph_cache_miss"] == 1  # compiled again
+    assert result["compiled"] == 1 and result["warmups"] == [[16, "miss"]]  # compiled again
     assert result["tokens"] == reference
     assert problem(Path(graphs, key), result["fields"]) is None  # saved afresh
 

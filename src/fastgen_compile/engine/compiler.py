@@ -4,6 +4,10 @@ capturing CUDA graphs, and the recompile guard that holds once warmup is over.
 
 The runner hands over the layer function once (`compile`) and then runs every bucket's
 forward through `run`, the same call whether it compiles, replays a CUDA graph or just runs.
+
+With a graph cache, each bucket's graph is also *precompiled* (torch's `aot_compile`): dynamo's
+trace, its guards and inductor's code saved as one file per bucket under the key, so a warm start
+loads them and traces nothing (tracing was most of a warm start: ~1.5-4 s a bucket here).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import time
 from collections.abc import Callable, Iterable
 
 import torch
+from torch._dynamo.guards import CheckFunctionManager
 from torch._dynamo.utils import counters
 
 from fastgen_compile.engine.graph_cache import BucketWarmup, GraphCache
@@ -23,6 +28,7 @@ from fastgen_compile.progress import progress_bar
 log = logging.getLogger(__name__)
 
 RECOMPILE_LIMIT = 64
+PRECOMPILED = "precompiled"  # under a graph cache's key folder: <bucket>.bin, one precompiled graph each
 
 
 def _without_pytree_registry_guards(guards) -> list[bool]:
@@ -33,11 +39,22 @@ def _without_pytree_registry_guards(guards) -> list[bool]:
     return ["SUPPORTED_NODES" not in g.name for g in guards]
 
 
+def _savable_guards(guards) -> list[bool]:
+    """What a precompiled graph keeps: guards on its inputs' shapes, dtypes and strides. Guards on
+    globals and object identities cannot be saved; what they protect (the model, the kernels
+    chosen, torch's version) is in the graph cache's key, which names the file."""
+    kept = _without_pytree_registry_guards(guards)
+    return [k and not (g.is_global or g.guard_type in CheckFunctionManager.UNSUPPORTED_SERIALIZATION_GUARD_TYPES) for k, g in zip(kept, guards)]
+
+
 class Compiler:
-    def __init__(self, enabled: bool, device: torch.device, graph_cache: GraphCache | None = None, strict: bool = False):
+    def __init__(self, enabled: bool, device: torch.device, graph_cache: GraphCache | None = None, strict: bool = False,
+                 precompile: bool = True):
         """enabled False: the model runs eagerly. strict: a recompile after warmup raises
-        RecompileError (the test suite's engines) instead of logging a warning."""
+        RecompileError (the test suite's engines) instead of logging a warning. precompile: save
+        each bucket's graph whole beside the graph cache's (False where torch cannot pickle it)."""
         self.enabled, self.graph_cache, self.strict = enabled, graph_cache, strict
+        self.precompile = precompile and graph_cache is not None
         self.capture_cuda_graphs = enabled and device.type == "cuda"
         self.graphs_compiled = 0  # by this engine: other torch.compile users in the process don't count
         self.graphs_at_warmup: int | None = None  # None until warmup is over
@@ -47,25 +64,85 @@ class Compiler:
         self._warming_up = False
         self._cuda_graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # bucket -> graph, its output
         self._cuda_graph_pool = None  # one memory pool shared by every bucket's CUDA graph
+        self._precompiled: dict[int, object | None] = {}  # bucket -> its precompiled graph (None: it could not be made)
+        self._came: str | None = None  # how the bucket now running got its precompiled graph: "hit" or "miss"
 
     @property
     def warm(self) -> bool:
         return self.graphs_at_warmup is not None
 
-    def compile(self, layer: Callable) -> Callable:
-        """One graph per bucket shape, shared by all layers (weights and caches are inputs); its own
-        guard cache, so other engines in the process neither count nor collide."""
+    def compile(self, layers: Callable) -> Callable:
+        """layers: a bound method (what torch's precompile saves). One graph per bucket shape, shared
+        by all layers (weights and caches are inputs); its own guard cache, so other engines in the
+        process neither count nor collide. With a graph cache, a bucket's precompiled graph runs
+        first, this dynamo one only where its guards fail."""
         if not self.enabled:
-            return layer
-        return torch._dynamo.optimize(
-            self._backend,
-            nopython=True,
-            dynamic=False,
-            guard_fail_fn=self._guard_failed,
-            guard_filter_fn=_without_pytree_registry_guards,
-            recompile_limit=RECOMPILE_LIMIT,
-            isolate_recompiles=True,
-        )(layer)
+            return layers
+
+        def optimize(guard_filter_fn: Callable) -> Callable:
+            return torch._dynamo.optimize(self._backend, nopython=True, dynamic=False, guard_fail_fn=self._guard_failed,
+                                          guard_filter_fn=guard_filter_fn, recompile_limit=RECOMPILE_LIMIT,
+                                          isolate_recompiles=True)(layers)
+
+        traced = optimize(_without_pytree_registry_guards)
+        if not self.precompile:
+            return traced
+        owner, precompile = layers.__self__, optimize(_savable_guards).aot_compile
+
+        def run(*args):
+            bucket = args[0].shape[0]
+            if bucket not in self._precompiled and not self.warm:
+                self._precompiled[bucket] = self._load_or_precompile(bucket, precompile, args)
+            graph = self._precompiled.get(bucket)
+            if graph is not None and graph.guard_check(owner, *args):
+                return graph(owner, *args)
+            if self.warm:  # dynamo compiles unless it already has this shape: say why (its own guards have not run)
+                self._guard_failures.append(self._why_not_precompiled(bucket, graph, (owner, *args)))
+            try:
+                return traced(*args)
+            finally:
+                self._guard_failures.clear()
+
+        return run
+
+    def _load_or_precompile(self, bucket: int, precompile: Callable, args: tuple):
+        """The bucket's precompiled graph: loaded from the graph cache, else made from these inputs
+        (the layers' arguments) and saved there. None if torch cannot precompile it (logged): dynamo's graph serves it."""
+        path = self.graph_cache.folder / PRECOMPILED / f"{bucket}.bin"
+        with self.graph_cache.compiling():  # inductor's built kernels are read from (and written to) the key folder
+            graph = self._load(path) if path.is_file() else None
+            self._came = "hit" if graph is not None else "miss"
+            if graph is None:
+                try:
+                    graph = precompile((args, {}))
+                except torch._dynamo.exc.BackendCompilerFailed:
+                    raise  # inductor failed: as it would under dynamo (run() says why)
+                except Exception as e:  # a graph torch cannot save: dynamo traces it at every start instead
+                    log.warning("bucket %d cannot be precompiled (%s: %s); it is traced at each start", bucket, type(e).__name__, e)
+                    return None
+                path.parent.mkdir(exist_ok=True)
+                graph.save_compiled_function(str(path))
+        graph.disable_guard_check()  # run() checks them, once a call
+        return graph
+
+    def _why_not_precompiled(self, bucket: int, graph, args: tuple) -> str:
+        if graph is None:
+            warmed = ", ".join(str(b) for b, g in sorted(self._precompiled.items()) if g is not None)
+            return f"an input of {bucket} rows, which no warmed bucket has (warmed: {warmed})"
+        # what AOTCompiledFunction itself reports when its guards fail
+        failed = graph._artifacts.guard_manager.check_verbose(graph.prepare_f_locals(*args))
+        return f"the inputs of bucket {bucket} fail its precompiled graph's guards: {failed}"
+
+    @staticmethod
+    def _load(path):
+        try:
+            # a guard on an imported module (the prompt region's FlexAttention has one) installs
+            # itself while unpickling, which needs a tracing context (torch 2.13)
+            with open(path, "rb") as f, torch._guards.tracing(torch._guards.TracingContext(None)):
+                return torch.compiler.load_compiled_function(f)
+        except Exception as e:  # its checksum held (the graph cache checked), so torch itself refused it
+            log.warning("precompiled graph %s did not load (%s: %s); compiling it again", path, type(e).__name__, e)
+            return None
 
     def _guard_failed(self, failure) -> None:
         self._guard_failures.append(failure.reason)
@@ -91,17 +168,18 @@ class Compiler:
             graph.replay()
             return out
         t0, hits, compiled = time.perf_counter(), counters["inductor"]["fxgraph_cache_hit"], self.graphs_compiled
+        self._came = None
         try:
             out = body()
         except torch._dynamo.exc.BackendCompilerFailed as e:
             if isinstance(e.inner_exception, RecompileError):
                 raise e.inner_exception from None
             raise
-        if self.graphs_compiled > compiled:
-            if self.warm:
-                log.warning("recompiled while serving (%d graphs since warmup): %s", self.recompiles_since_warmup(), self.last_recompile_reason)
-            else:
-                self._record(BucketWarmup(bucket, time.perf_counter() - t0, "hit" if counters["inductor"]["fxgraph_cache_hit"] > hits else "miss"))
+        if self.graphs_compiled > compiled and self.warm:
+            log.warning("recompiled while serving (%d graphs since warmup): %s", self.recompiles_since_warmup(), self.last_recompile_reason)
+        elif self.graphs_compiled > compiled or self._came is not None:
+            came = self._came or ("hit" if counters["inductor"]["fxgraph_cache_hit"] > hits else "miss")
+            self._record(BucketWarmup(bucket, time.perf_counter() - t0, came))
         if self._warming_up and self.capture_cuda_graphs:
             out = self._capture(bucket, body)
         return out

@@ -126,7 +126,8 @@ class Engine:
                 graph_cache.open()
             if self.tp is not None:  # rank 0 starts the other ranks, which build their shards meanwhile
                 self.tp.start(replace(c, kv_pages=num_pages))
-            self.compiler = Compiler(c.compile, device, graph_cache, c.strict_recompiles)
+            # tensor parallelism's graphs hold its process group, which torch cannot pickle: traced at each start
+            self.compiler = Compiler(c.compile, device, graph_cache, c.strict_recompiles, precompile=self.tp is None)
             self.runner = Runner(self.model, c, num_pages, self.max_model_len, self.compiler, decode_kernel, prefix_caching, tp=self.tp)
             if self.tp is not None:
                 self.tp.connect()
