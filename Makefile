@@ -20,7 +20,7 @@ demo: venv
 	.venv/bin/fastgen-compile demo
 
 test: venv
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q --durations=15
 
 lint: venv
 	.venv/bin/ruff check .
