@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from fastgen_compile.artifacts import problem, write_manifest
-from fastgen_compile.config import coarse
+from fastgen_compile.config import EngineConfig, coarse
 from fastgen_compile.engine.graph_cache import GraphCache
 from tiny_llama import one_torch_thread, save_tiny_llama  # noqa: F401 (autouse fixture)
 
@@ -86,6 +86,16 @@ def test_fresh_process_with_a_warm_cache_compiles_nothing(warmed):
     assert "unusable" not in stderr
 
 
+def test_a_pool_sized_from_memory_takes_the_warmed_size_near_it(warmed):
+    """A budget of 40 pages: the folder `warmup` left at 32 (within half and 1.5x of it) serves, compiling nothing."""
+    model, graphs, _, reference = warmed
+    cfg = json.loads(Path(model, "config.json").read_text())  # fp32 K and V of every layer's KV heads
+    per_token = 2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * (cfg["hidden_size"] // cfg["num_attention_heads"]) * 4
+    result, _ = serve(model, graphs, kv_pages=None, kv_bytes=40 * 16 * per_token)
+    assert result["fields"]["kv_pages"] == 32 and result["warmups"] == [[16, "hit"]] and result["compiled"] == 0
+    assert result["tokens"] == reference
+
+
 def test_a_corrupt_artifact_is_reported_in_one_line_and_rebuilt_with_identical_outputs(warmed):
     model, graphs, _, reference = warmed
     (key,) = [d for d in os.listdir(graphs) if d != "models" and not d.endswith(".lock")]  # a key folder's lock lies beside it
@@ -141,8 +151,27 @@ def test_pool_pages_from_free_memory_are_rounded_to_a_coarse_step(n):
     assert coarse(c) == c and all(coarse(m) == c for m in range(c, n + 1))
 
 
+def test_a_pool_sized_from_memory_prefers_a_warmed_size_near_its_share():
+    c = EngineConfig(kv_bytes=1000 * 64 * 10, page_size=64, max_seqs=64)  # 1000 pages of 10-byte tokens
+    assert c.num_pages(10, 8192) == coarse(1000) == 896
+    assert c.num_pages(10, 8192, warmed=[512, 1024, 3000]) == 1024  # the nearest within half and 1.5x
+    assert c.num_pages(10, 8192, warmed=[499, 1501]) == 896  # none near: sized afresh
+    assert c.num_pages(10, 8192, warmed=[600]) == 600
+    assert c.num_pages(10, 640, warmed=[700]) == 10 * 64 + 1  # never past max_seqs full sequences
+    assert EngineConfig(kv_pages=77).num_pages(10, 8192, warmed=[1000]) == 77  # a size given is kept
+
+
+def test_a_warmed_pool_size_is_found_only_where_nothing_else_differs(tmp_path):
+    fields = {"model": "m", "buckets": [16], "kv_pages": 448}
+    for changed in ({}, {"kv_pages": 512, "buckets": [32]}, {"kv_pages": 640}):
+        cache = GraphCache(tmp_path, "m-float32-cpu", fields | changed)
+        cache.folder.mkdir()
+        if changed.get("kv_pages") != 640:  # that one unfinished: no manifest
+            cache.save([])
+    assert GraphCache(tmp_path, "m-float32-cpu", fields | {"kv_pages": 0}).warmed_pool_sizes() == [448]
+
+
 def test_the_key_covers_every_knob_that_changes_the_graphs(tmp_path):
-    from fastgen_compile.config import EngineConfig
     from fastgen_compile.models.decoder import ModelArgs
     from fastgen_compile.models.rope import RopeArgs
 

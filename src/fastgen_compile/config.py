@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import math
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
 
 import torch
@@ -147,14 +150,22 @@ class EngineConfig:
             return torch.float32 if torch.device(self.device).type == "cpu" else self.torch_dtype
         return DTYPES[self.kv_dtype]
 
-    def num_pages(self, bytes_per_token: int, max_model_len: int) -> int:
-        """Pool size: as set, else a share of free memory, never more than max_seqs full sequences."""
+    def num_pages(self, bytes_per_token: int, max_model_len: int, warmed: Iterable[int] = ()) -> int:
+        """Pool size: as set, else a share of free memory, never more than max_seqs full sequences.
+        warmed: pool sizes the graphs folder holds graphs for (GraphCache.warmed_pool_sizes); the
+        graphs are shaped by the pool, so a free-memory size drifting across a step of `coarse`
+        between `fastgen-compile warmup` and the next start recompiled every bucket (minutes):
+        the warmed size nearest the share wins while it lies within half and 1.5x of it."""
         if self.kv_pages is not None:
             return self.kv_pages
         budget = self.kv_bytes if self.kv_bytes is not None else int(self.kv_memory_fraction * free_memory(self.device))
-        pages = coarse(budget // (bytes_per_token * self.page_size))
         useful = -(-max_model_len // self.page_size) * self.max_seqs + 1
-        return int(min(pages, useful))
+        pages = budget // (bytes_per_token * self.page_size)
+        share = min(pages, useful)
+        near = [w for w in warmed if share / 2 <= w <= min(1.5 * share, useful)]
+        if near:
+            return min(near, key=lambda w: abs(math.log(w / share)))
+        return int(min(coarse(pages), useful))
 
 
 def coarse(n: int) -> int:
@@ -165,8 +176,13 @@ def coarse(n: int) -> int:
 
 
 def free_memory(device: str) -> int:
+    """What a new allocation can have: CUDA's free memory; on Linux MemAvailable (page cache
+    counts as free: MemFree drops by every file read, and the pool size drifted with it)."""
     if torch.device(device).type == "cuda":
         return torch.cuda.mem_get_info(torch.device(device))[0]
+    with contextlib.suppress(OSError, StopIteration, ValueError):
+        with open("/proc/meminfo") as f:
+            return int(next(line for line in f if line.startswith("MemAvailable:")).split()[1]) * 1024
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 

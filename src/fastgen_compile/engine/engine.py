@@ -97,13 +97,21 @@ class Engine:
         # decided once, before the pool is sized: the kernel's copy of the pool is only made where it runs
         decode_kernel = (c.decode_kernel and c.decode_rows > 0 and kernels.paged_decode_fits(device, c.torch_dtype, args.head_dim)
                          and kernels.paged_decode_available(root))
-        # each rank's pool holds its KV heads; on CPU the ranks share one memory, so they share its budget
-        ranks_in_memory = shard.world if device.type == "cpu" else 1
-        num_pages = c.num_pages(Runner.kv_bytes_per_token(args, c, decode_kernel) * ranks_in_memory, self.max_model_len)
         prefix_caching = c.prefix_caching and args.sliding_window is None
         if c.prefix_caching and not prefix_caching:
             # a window evicts a cached page's keys from some queries only: not built, so not cached
             log.info("prefix caching is off: %s attends through a sliding window of %d tokens", self.model_name, args.sliding_window)
+
+        def graphs_for(pages: int) -> GraphCache | None:
+            if not (c.compile and c.graph_cache):
+                return None
+            return GraphCache.for_engine(root, self.model_name, file_identity(path), args, c, pages, decode_kernel, self.quantization,
+                                         prefix_caching, shard)
+
+        # each rank's pool holds its KV heads; on CPU the ranks share one memory, so they share its budget
+        ranks_in_memory = shard.world if device.type == "cpu" else 1
+        warmed = shape.warmed_pool_sizes() if (shape := graphs_for(0)) else []
+        num_pages = c.num_pages(Runner.kv_bytes_per_token(args, c, decode_kernel) * ranks_in_memory, self.max_model_len, warmed)
         self.pages = PageManager(num_pages, c.page_size, prefix_caching, identity=f"{self.model_name} {file_identity(path)} {self.quantization}")
         self.scheduler = Scheduler(self.pages, c.buckets, c.max_seqs, c.policy, c.decode_rows)
         self.sampler = Sampler()
@@ -116,10 +124,7 @@ class Engine:
         self.num_steps = 0  # every step ever taken; step_stats keeps the newest
         self._stats_lock = threading.Lock()  # steps_since and snapshot copy step_stats on other threads
         self.step_costs: StepCosts | None = None  # measured at warmup (or kept with the graphs)
-        graph_cache = None
-        if c.compile and c.graph_cache:
-            graph_cache = GraphCache.for_engine(root, self.model_name, file_identity(path), args, c, num_pages, decode_kernel, self.quantization,
-                                                prefix_caching, shard)
+        graph_cache = graphs_for(num_pages)
         # from reading the graphs to saving them; the workers are ended if anything here fails
         with graph_cache.exclusive() if graph_cache else contextlib.nullcontext(), self._closed_on_error():
             if graph_cache is not None:

@@ -11,6 +11,7 @@ against 13 s for three buckets). The key covers everything that makes a graph in
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from fastgen_compile.artifacts import FORMAT, exclusive, key, open_trusted, version, write_manifest
+from fastgen_compile.artifacts import FORMAT, MANIFEST, exclusive, key, open_trusted, version, write_manifest
 from fastgen_compile.hardware import cpu_flags
 from fastgen_compile.models.shard import WHOLE, Shard
 
@@ -105,6 +106,18 @@ class GraphCache:
         }
         ranks = f"-tp{shard.rank}of{shard.world}" if shard.world > 1 else ""
         return cls(root, f"{model_name}-{c.dtype}-{fields['device']}{ranks}", fields)
+
+    def warmed_pool_sizes(self) -> list[int]:
+        """The pool sizes (kv_pages) of the finished folders beside this one that differ from it in nothing else."""
+        want = json.loads(json.dumps({**self.fields, "kv_pages": None}, default=str))
+        sizes = []
+        name = self.folder.name.rsplit("-", 1)[0]
+        for manifest in self.folder.parent.glob(f"{glob.escape(name)}-*/{MANIFEST}"):
+            with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+                fields = json.loads(manifest.read_text())["fields"]
+                if {**fields, "kv_pages": None} == want:
+                    sizes.append(int(fields["kv_pages"]))
+        return sizes
 
     def record(self, name: str) -> dict | None:
         """A measurement kept for this key (the linear kernels, the step costs), if the folder is trusted and has it."""
