@@ -24,7 +24,7 @@ for i, out in enumerate(stream):
 print()
 print("exiting")
 """
-RUNS = 10
+RUNS = 4  # the crash hit 3 runs of 5: four runs all pass with it in ~3% of tries (0.4 ** 4)
 # what a healthy run may print on stderr: rich's progress bars of the warmup and kernel loading
 CRASH_SIGNS = ("Traceback", "terminate called", "INTERNAL ASSERT", "Aborted", "Segmentation", "Exception", "Error")
 
