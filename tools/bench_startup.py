@@ -9,8 +9,9 @@ to its first streamed token. Prints a table and writes JSON.
     .venv/bin/python tools/bench_startup.py [--model PATH] [--dtype bfloat16] [--kv-pages N]
 
 Every run gets its own fresh graphs folder (FASTGEN_GRAPHS_DIR), so other caches on this
-machine (the checkout's graphs/, ~/.cache) play no part. The pool size is fixed (--kv-pages,
-default 512) so that every process compiles the same shapes.
+machine (the checkout's graphs/, ~/.cache) play no part. The KV pool is sized as a user's
+`LLM()` and `fastgen-compile warmup` size it (free memory, or a size the folder was warmed for,
+if near); --kv-pages N pins it. The table says the pool each start had.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ ready = time.time()
 for out in llm.stream("The capital of France is", SamplingParams(max_new_tokens=1, temperature=0)):
     first = time.time()
 w = [[x.bucket, round(x.seconds, 2), x.cache] for x in llm.engine.compiler.warmups]
-print(json.dumps({"ready": ready - t_start, "first_token": first - t_start, "warmups": w, "graphs_compiled": llm.engine.compiler.graphs_compiled}))
+print(json.dumps({"ready": ready - t_start, "first_token": first - t_start, "warmups": w, "graphs_compiled": llm.engine.compiler.graphs_compiled,
+                  "kv_pages": llm.engine.pages.num_pages}))
 llm.close()
 """
 
@@ -59,11 +61,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None)
     p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--kv-pages", type=int, default=512)
+    p.add_argument("--kv-pages", type=int, default=None, help="pin the KV pool (default: sized as LLM() sizes it)")
     p.add_argument("--out", default="bench_results/startup.json")
     args = p.parse_args()
     knobs = {"model": args.model, "dtype": args.dtype, "kv_pages": args.kv_pages}
-    cli = ["-m", "fastgen_compile.cli", "warmup", "--dtype", args.dtype, "--kv-pages", str(args.kv_pages)] + (["--model", args.model] if args.model else [])
+    pool = ["--kv-pages", str(args.kv_pages)] if args.kv_pages else []
+    cli = ["-m", "fastgen_compile.cli", "warmup", "--dtype", args.dtype, *pool] + (["--model", args.model] if args.model else [])
     console = Console()
     rows = {}
     with tempfile.TemporaryDirectory() as fresh, tempfile.TemporaryDirectory() as warmed:
@@ -80,10 +83,10 @@ def main() -> None:
         rows["warm cache, lazy"] = start(knobs | {"warmup": False}, warmed)
 
     title = f"start-up from process start ({args.dtype}, {platform.machine()}, {os.cpu_count()} CPUs)"
-    table = Table("start", "ready (s)", "first token (s)", "buckets: seconds, cache", title=title)
+    table = Table("start", "ready (s)", "first token (s)", "KV pages", "buckets: seconds, cache", title=title)
     for name, r in rows.items():
         buckets = ", ".join(f"{b}: {s:.1f} s {c}" for b, s, c in r["warmups"]) or "compiled on first use"
-        table.add_row(name, f"{r['ready']:.1f}", f"{r['first_token']:.1f}", buckets)
+        table.add_row(name, f"{r['ready']:.1f}", f"{r['first_token']:.1f}", str(r["kv_pages"]), buckets)
     console.print(table)
     console.print(f"`fastgen-compile warmup` of every bucket, from process start: {warmup_seconds:.1f} s")
     os.makedirs(os.path.dirname(args.out), exist_ok=True)

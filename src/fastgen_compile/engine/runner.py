@@ -39,7 +39,8 @@ def zeroed(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
     touched: writing zeros over a pool of GBs was 1.7 s of a 10 s warm start."""
     if device.type != "cpu":
         return torch.zeros(shape, dtype=dtype, device=device)
-    return torch.frombuffer(mmap.mmap(-1, math.prod(shape) * dtype.itemsize), dtype=dtype).view(shape)
+    memory = mmap.mmap(-1, math.prod(shape) * dtype.itemsize, flags=mmap.MAP_PRIVATE)  # as malloc's: not shared with a forked child
+    return torch.frombuffer(memory, dtype=dtype).view(shape)
 
 
 def layer_group(num_layers: int, most: int) -> int:
