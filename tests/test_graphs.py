@@ -68,7 +68,7 @@ def test_warmup_command_compiles_and_saves_with_a_manifest(warmed):
     assert "miss" in stdout and "hit" not in stdout  # the summary table: bucket 16 was compiled
     (key,) = [d for d in os.listdir(graphs) if d != "models" and not d.endswith(".lock")]  # a key folder's lock lies beside it
     manifest = json.loads(open(os.path.join(graphs, key, "manifest.json")).read())
-    assert key in stdout.replace("\n", "")
+    assert key in stdout.replace("\n", "") and "KV pool: 32 pages of 16 tokens\n" in stdout
     assert [(c["bucket"], c["cache"]) for c in manifest["compiled"]] == [(16, "miss")]
     fields = manifest["fields"]
     assert (fields["buckets"], fields["page_size"], fields["decode_rows"], fields["q_block"], fields["kv_pages"]) == ([16], 16, 0, 16, 32)

@@ -156,6 +156,10 @@ def cmd_warmup(args: argparse.Namespace) -> int:
     out.print(f"dtype {engine.config.dtype}: {escape(engine.config.dtype_reason)}")
     quantized = ", ".join(f"{part} {method}" for part, method in engine.quantization.items()) or "none"
     out.print(f"quantized: {quantized} (quantization={engine.config.quantization})")
+    pages = engine.pages
+    # the pool is a graph shape: a start whose free memory suggests another size takes this one if it is near
+    out.print(f"KV pool: {pages.num_pages} pages of {pages.page_size} tokens"
+              + ("" if engine.config.kv_pages is not None else f" (sized from free memory; --kv-pages {pages.num_pages} pins it)"))
     out.print(f"graphs in {escape(str(cache.folder))}; ready in {seconds:.1f} s" if cache else f"ready in {seconds:.1f} s")
     return 0
 
