@@ -65,7 +65,7 @@ def main() -> None:
     p.add_argument("--out", default="bench_results/startup.json")
     args = p.parse_args()
     knobs = {"model": args.model, "dtype": args.dtype, "kv_pages": args.kv_pages}
-    pool = ["--kv-pages", str(args.kv_pages)] if args.kv_pages else []
+    pool = ["--kv-pages", str(args.kv_pages)] if args.kv_pages is not None else []
     cli = ["-m", "fastgen_compile.cli", "warmup", "--dtype", args.dtype, *pool] + (["--model", args.model] if args.model else [])
     console = Console()
     rows = {}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import glob
 import hashlib
 import importlib.metadata
 import json
@@ -25,6 +26,7 @@ log = logging.getLogger(__name__)
 ROOT_ENV = "FASTGEN_GRAPHS_DIR"
 FORMAT = 2  # bump when a folder layout or manifest changes: older folders become stale
 MANIFEST = "manifest.json"
+DIGEST = 16  # hex digits of a key's hash of its fields
 
 
 def default_root() -> Path:
@@ -77,8 +79,7 @@ def problem(folder: Path, fields: dict) -> str | None:
         manifest = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         return f"corrupt manifest ({e})"
-    as_saved = json.loads(json.dumps(fields, default=str))  # tuples read back as lists
-    if not isinstance(manifest, dict) or manifest.get("fields") != as_saved:
+    if not isinstance(manifest, dict) or manifest.get("fields") != as_saved(fields):
         return "stale: its key fields differ from this engine's"
     for name, (size, sha) in manifest.get("files", {}).items():
         f = folder / name
@@ -100,10 +101,22 @@ def write_manifest(folder: Path, fields: dict, **extra) -> dict:
     return manifest
 
 
+def as_saved(fields: dict) -> dict:
+    """fields as a manifest reads them back (tuples as lists, other objects as their str)."""
+    return json.loads(json.dumps(fields, default=str))
+
+
 def key(name: str, fields: dict) -> str:
     """A folder name: name and a hash of the fields."""
-    digest = hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    digest = hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:DIGEST]
     return f"{name}-{digest}"
+
+
+def saved_fields(root: Path, name: str) -> Iterator[dict]:
+    """The fields of every finished folder under root that `key` named for name, whatever its fields."""
+    for manifest in root.glob(f"{glob.escape(name)}-{'[0-9a-f]' * DIGEST}/{MANIFEST}"):
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            yield dict(json.loads(manifest.read_text())["fields"])
 
 
 def open_trusted(folder: Path, fields: dict, what: str) -> bool:

@@ -11,7 +11,6 @@ against 13 s for three buckets). The key covers everything that makes a graph in
 from __future__ import annotations
 
 import contextlib
-import glob
 import hashlib
 import json
 import os
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from fastgen_compile.artifacts import FORMAT, MANIFEST, exclusive, key, open_trusted, version, write_manifest
+from fastgen_compile.artifacts import FORMAT, as_saved, exclusive, key, open_trusted, saved_fields, version, write_manifest
 from fastgen_compile.hardware import cpu_flags
 from fastgen_compile.models.shard import WHOLE, Shard
 
@@ -49,7 +48,7 @@ class GraphCache:
 
     def __init__(self, root: Path, name: str, fields: dict):
         """Not read yet: `open` it inside `exclusive`."""
-        self.fields = {"format": FORMAT, **fields}
+        self.name, self.fields = name, {"format": FORMAT, **fields}
         self.folder = Path(root) / key(name, self.fields)
         self.loaded = False
         self._held = False  # this process holds the folder's lock
@@ -109,15 +108,8 @@ class GraphCache:
 
     def warmed_pool_sizes(self) -> list[int]:
         """The pool sizes (kv_pages) of the finished folders beside this one that differ from it in nothing else."""
-        want = json.loads(json.dumps({**self.fields, "kv_pages": None}, default=str))
-        sizes = []
-        name = self.folder.name.rsplit("-", 1)[0]
-        for manifest in self.folder.parent.glob(f"{glob.escape(name)}-*/{MANIFEST}"):
-            with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-                fields = json.loads(manifest.read_text())["fields"]
-                if {**fields, "kv_pages": None} == want:
-                    sizes.append(int(fields["kv_pages"]))
-        return sizes
+        want = as_saved({**self.fields, "kv_pages": None})
+        return [int(f["kv_pages"]) for f in saved_fields(self.folder.parent, self.name) if {**f, "kv_pages": None} == want]
 
     def record(self, name: str) -> dict | None:
         """A measurement kept for this key (the linear kernels, the step costs), if the folder is trusted and has it."""
