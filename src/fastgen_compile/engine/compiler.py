@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterable
 
@@ -21,7 +22,7 @@ import torch
 from torch._dynamo.guards import CheckFunctionManager
 from torch._dynamo.utils import counters
 
-from fastgen_compile.engine.graph_cache import BucketWarmup, GraphCache
+from fastgen_compile.engine.graph_cache import BucketWarmup, GraphCache, inductor_options
 from fastgen_compile.errors import RecompileError
 from fastgen_compile.progress import progress_bar
 
@@ -47,6 +48,22 @@ def _savable_guards(guards) -> list[bool]:
     return [k and not (g.is_global or g.guard_type in CheckFunctionManager.UNSUPPORTED_SERIALIZATION_GUARD_TYPES) for k, g in zip(kept, guards)]
 
 
+def start_isa_probe(device: torch.device) -> threading.Thread | None:
+    """Inductor's probe of this CPU's vector ISAs, started on a thread: once a process, it loads a
+    test library per ISA, each in a child Python (0.9 s of a 7 s warm start here, spent waiting on
+    the children, without the GIL), so it can overlap the model's loading. Join it before compiling
+    or loading a graph. None where graphs do not run on the CPU."""
+    if device.type != "cpu":
+        return None
+    # imported here, not on the thread: two threads importing torch's modules at once can deadlock
+    from torch._inductor import codecache, cpp_builder  # noqa: F401  (the probe's own lazy imports)
+    from torch._inductor.cpu_vec_isa import pick_vec_isa
+
+    probe = threading.Thread(target=pick_vec_isa, name="isa-probe", daemon=True)
+    probe.start()
+    return probe
+
+
 class Compiler:
     def __init__(self, enabled: bool, device: torch.device, graph_cache: GraphCache | None = None, strict: bool = False,
                  precompile: bool = True):
@@ -56,6 +73,7 @@ class Compiler:
         self.enabled, self.graph_cache, self.strict = enabled, graph_cache, strict
         self.precompile = precompile and graph_cache is not None
         self.capture_cuda_graphs = enabled and device.type == "cuda"
+        self.inductor_options = inductor_options(device)
         self.graphs_compiled = 0  # by this engine: other torch.compile users in the process don't count
         self.graphs_at_warmup: int | None = None  # None until warmup is over
         self.warmups: list[BucketWarmup] = []  # per bucket: how its graph came to be (compiled or loaded)
@@ -158,7 +176,7 @@ class Compiler:
                 raise RecompileError(f"recompile while serving: {reason}")
         self.graphs_compiled += 1
         with self.graph_cache.compiling() if self.graph_cache else contextlib.nullcontext():
-            return compile_fx(gm, example_inputs)
+            return compile_fx(gm, example_inputs, config_patches=self.inductor_options)
 
     def run(self, bucket: int, body: Callable[[], torch.Tensor]) -> torch.Tensor:
         """A bucket's forward (body: over its persistent input buffers): its CUDA graph replayed if

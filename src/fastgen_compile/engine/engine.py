@@ -26,7 +26,7 @@ from fastgen_compile.artifacts import default_root, file_identity
 from fastgen_compile.config import EngineConfig
 from fastgen_compile.engine import step_costs
 from fastgen_compile.engine.batch import Batch, pack, pick_bucket
-from fastgen_compile.engine.compiler import Compiler
+from fastgen_compile.engine.compiler import Compiler, start_isa_probe
 from fastgen_compile.engine.detokenizer import Detokenizer
 from fastgen_compile.engine.graph_cache import BucketWarmup, GraphCache
 from fastgen_compile.engine.pages import PageManager
@@ -86,6 +86,7 @@ class Engine:
         root = Path(c.graphs_dir) if c.graphs_dir else default_root()
         self.tp = tp or (Leader(c) if c.tensor_parallel_size > 1 else None)
         shard = self.tp.shard if self.tp else WHOLE
+        isa_probe = start_isa_probe(device) if c.compile else None
         loaded = load(path, c.torch_dtype, device, prepared_root=root if c.graph_cache else None, shard=shard)
         self.quantization = c.quantized_parts(loaded.stored_as, device)
         quantize_model(loaded.model, self.quantization.get("layers"), self.quantization.get("lm_head"))
@@ -131,6 +132,8 @@ class Engine:
                 graph_cache.open()
             if self.tp is not None:  # rank 0 starts the other ranks, which build their shards meanwhile
                 self.tp.start(replace(c, kv_pages=num_pages))
+            if isa_probe is not None:
+                isa_probe.join()
             # tensor parallelism's graphs hold its process group, which torch cannot pickle: traced at each start
             self.compiler = Compiler(c.compile, device, graph_cache, c.strict_recompiles, precompile=self.tp is None)
             self.runner = Runner(self.model, c, num_pages, self.max_model_len, self.compiler, decode_kernel, prefix_caching, tp=self.tp)
