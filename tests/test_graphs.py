@@ -74,6 +74,11 @@ def test_warmup_command_compiles_and_saves_with_a_manifest(warmed):
     assert (fields["buckets"], fields["page_size"], fields["decode_rows"], fields["q_block"], fields["kv_pages"]) == ([16], 16, 0, 16, 32)
     assert fields["torch"] == torch.__version__ and fields["dtype"] == "float32" and fields["device"] == "cpu"
     assert any(name.startswith("inductor/") for name in manifest["files"]) and "precompiled/16.bin" in manifest["files"]
+    # a CPU graph's wrapper is C++ (inductor's cpp_wrapper), without per-call size checks
+    assert fields["inductor_options"] == {"size_asserts": False, "cpp_wrapper": True}
+    sources = {name: (Path(graphs) / key / name).read_text() for name in manifest["files"] if name.endswith((".py", ".cpp"))}
+    assert any("inductor_entry_impl" in text for name, text in sources.items() if name.endswith(".cpp"))
+    assert not any("assert_size_stride" in text for text in sources.values())
 
 
 def test_fresh_process_with_a_warm_cache_compiles_nothing(warmed):
