@@ -192,3 +192,29 @@ def test_step_stats_count_a_one_token_prompt_chunk_as_prompt(llm_compiled, wait_
     stats = llm.engine.steps_since(before)
     # step 1 runs the 1-token prompt, step 2 decodes the first generated token
     assert [(s.prompt_tokens, s.decode_tokens) for s in stats] == [(1, 0), (0, 1)]
+
+
+def test_a_prepared_gguf_copy_reads_its_resolved_args_not_autoconfig(llm_compiled, embedded_path, graphs_dir):
+    """The engines above loaded the session's prepared fp32 copy of the GGUF file from its resolved.json
+    (family, args, eos ids) and a fast tokenizer, without AutoConfig: what AutoConfig reads there agrees."""
+    import dataclasses
+    import json
+
+    from transformers import AutoConfig, AutoTokenizer
+
+    from fastgen_compile.models import loader
+    from fastgen_compile.models.decoder import ModelArgs
+    from fastgen_compile.models.registry import resolve
+    from fastgen_compile.models.rope import RopeArgs
+
+    folder = loader.prepared_gguf(graphs_dir, embedded_path, torch.float32)  # the session's, made by llm_compiled
+    family, args, eos = loader._read_resolved(folder / loader.RESOLVED)
+    config = AutoConfig.from_pretrained(folder)
+    assert (family, args) == resolve(config) and eos == config.eos_token_id
+    assert llm_compiled.engine.model.args == args and config.eos_token_id in llm_compiled.engine.eos_token_ids
+    text = "Ünïcödé 日本語 <|im_start|>user\nHi<|im_end|>"
+    assert llm_compiled.tokenizer.encode(text) == AutoTokenizer.from_pretrained(folder).encode(text)
+    # nested tuples (rope scaling lists, a vocabulary shard) come back as they were
+    rope = RopeArgs(5e5, 64, "longrope", (("long_factor", (1.0, 2.5)), ("original_max_position_embeddings", 4096)), 8192)
+    nested = dataclasses.replace(args, rope=rope, vocab_shard=(0, 100))
+    assert ModelArgs.from_json(json.loads(json.dumps(dataclasses.asdict(nested)))) == nested

@@ -90,7 +90,7 @@ class Engine:
         loaded = load(path, c.torch_dtype, device, prepared_root=root if c.graph_cache else None, shard=shard)
         self.quantization = c.quantized_parts(loaded.stored_as, device)
         quantize_model(loaded.model, self.quantization.get("layers"), self.quantization.get("lm_head"))
-        self.model, self.tokenizer, self.hf_config, self.model_name = loaded.model, loaded.tokenizer, loaded.hf_config, loaded.name
+        self.model, self.tokenizer, self.model_name = loaded.model, loaded.tokenizer, loaded.name
         args = self.model.args
         self.max_model_len = c.max_model_len or args.max_position_embeddings
         if args.context_length is not None:
@@ -117,7 +117,7 @@ class Engine:
         self.scheduler = Scheduler(self.pages, c.buckets, c.max_seqs, c.policy, c.decode_rows)
         self.sampler = Sampler()
         self.detokenizer = Detokenizer(self.tokenizer)
-        self.eos_token_ids = self._eos_token_ids()
+        self.eos_token_ids = self._eos_token_ids(loaded.eos_token_id)
         self._inbox: queue.Queue = queue.Queue()
         self._ids = itertools.count()
         self._seqs: dict[int, Sequence] = {}
@@ -158,8 +158,8 @@ class Engine:
             self.close()
             raise
 
-    def _eos_token_ids(self) -> frozenset[int]:
-        eos = getattr(self.hf_config, "eos_token_id", None)
+    def _eos_token_ids(self, eos: int | list[int] | None) -> frozenset[int]:
+        """The config's eos ids and the tokenizer's."""
         ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         if self.tokenizer.eos_token_id is not None:
             ids.add(self.tokenizer.eos_token_id)

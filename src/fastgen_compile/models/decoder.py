@@ -30,6 +30,10 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
+def _tuples(value: object) -> object:
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
+
+
 @dataclass(frozen=True)
 class ModelArgs:
     vocab_size: int
@@ -57,6 +61,14 @@ class ModelArgs:
     embed_dim: int | None = None  # OPT's word_embed_proj_dim when it differs from hidden_size
     position_offset: int = 0  # learned positions: row of position p is p + offset (OPT: 2)
     vocab_shard: tuple[int, int] | None = None  # tensor parallelism: (first, count) of the vocabulary rows this rank's embed and lm_head hold
+
+    @classmethod
+    def from_json(cls, data: dict) -> ModelArgs:
+        """`asdict(args)` read back from JSON: its lists as the tuples they were, the rope args as theirs."""
+        fields = {name: _tuples(value) for name, value in data.items()}
+        if data["rope"] is not None:
+            fields["rope"] = RopeArgs(**{name: _tuples(value) for name, value in data["rope"].items()})
+        return cls(**fields)
 
     @property
     def context_length(self) -> int | None:

