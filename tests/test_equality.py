@@ -195,7 +195,7 @@ def test_step_stats_count_a_one_token_prompt_chunk_as_prompt(llm_compiled, wait_
 
 
 def test_a_prepared_gguf_copy_reads_its_resolved_args_not_autoconfig(llm_compiled, embedded_path, graphs_dir):
-    """The engines above loaded the session's prepared fp32 copy of the GGUF file from its resolved.json
+    """The engines above loaded the session's prepared fp32 copy of the GGUF file from its fastgen_resolved.json
     (family, args, eos ids) and a fast tokenizer, without AutoConfig: what AutoConfig reads there agrees."""
     import dataclasses
     import json

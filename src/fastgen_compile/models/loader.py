@@ -32,7 +32,7 @@ GGUF_QUANTIZATION = {"Q4_0": "int4", "Q4_1": "int4", "Q4_K": "int4"}
 STORED_AS = "stored_as.json"  # a prepared GGUF copy's record of how the file stored its weights
 # a prepared GGUF copy's family, our args and eos ids, resolved when it was written: reading them
 # back skips transformers' AutoConfig, whose scan of transformers.models took 1.3 s of a 7 s warm start
-RESOLVED = "resolved.json"
+RESOLVED = "fastgen_resolved.json"  # named so that no HF folder has it by chance
 
 
 @dataclass
