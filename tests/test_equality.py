@@ -7,10 +7,18 @@ checks chunked prefill, paged attention across chunks and mixed batches at once.
 
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import pytest
 import torch
+from transformers import AutoConfig, AutoTokenizer
 
 from fastgen_compile import SamplingParams
+from fastgen_compile.models import loader
+from fastgen_compile.models.decoder import ModelArgs
+from fastgen_compile.models.registry import resolve
+from fastgen_compile.models.rope import RopeArgs
 
 MAX_NEW_TOKENS = 24
 
@@ -197,16 +205,6 @@ def test_step_stats_count_a_one_token_prompt_chunk_as_prompt(llm_compiled, wait_
 def test_a_prepared_gguf_copy_reads_its_resolved_args_not_autoconfig(llm_compiled, embedded_path, graphs_dir):
     """The engines above loaded the session's prepared fp32 copy of the GGUF file from its fastgen_resolved.json
     (family, args, eos ids) and a fast tokenizer, without AutoConfig: what AutoConfig reads there agrees."""
-    import dataclasses
-    import json
-
-    from transformers import AutoConfig, AutoTokenizer
-
-    from fastgen_compile.models import loader
-    from fastgen_compile.models.decoder import ModelArgs
-    from fastgen_compile.models.registry import resolve
-    from fastgen_compile.models.rope import RopeArgs
-
     folder = loader.prepared_gguf(graphs_dir, embedded_path, torch.float32)  # the session's, made by llm_compiled
     family, args, eos = loader._read_resolved(folder / loader.RESOLVED)
     config = AutoConfig.from_pretrained(folder)

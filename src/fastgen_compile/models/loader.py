@@ -95,20 +95,7 @@ def is_gguf(path: str) -> bool:
 def _load_hf_folder(folder: str, dtype: torch.dtype, device: torch.device, shard: Shard) -> LoadedModel:
     from safetensors import SafetensorError, safe_open
 
-    resolved = Path(folder) / RESOLVED
-    if resolved.is_file():  # our prepared copy of a GGUF file
-        from transformers import PreTrainedTokenizerFast
-
-        family, args, eos = _read_resolved(resolved)
-        tokenizer_class = PreTrainedTokenizerFast
-    else:
-        from transformers import AutoConfig, AutoTokenizer
-
-        try:
-            hf_config = AutoConfig.from_pretrained(folder)
-        except (OSError, ValueError, json.JSONDecodeError) as e:
-            raise ModelLoadError(f"cannot read {folder}/config.json: {e}") from e
-        (family, args), eos, tokenizer_class = resolve(hf_config), getattr(hf_config, "eos_token_id", None), AutoTokenizer
+    family, args, eos, tokenizer_class = _folder_config(folder)
     index = os.path.join(folder, "model.safetensors.index.json")
     if os.path.isfile(index):
         with open(index) as f:
@@ -142,6 +129,27 @@ def _load_hf_folder(folder: str, dtype: torch.dtype, device: torch.device, shard
     stored = Path(folder) / STORED_AS
     stored_as = json.loads(stored.read_text()) if stored.is_file() else {}
     return LoadedModel(model, eos, tokenizer_class.from_pretrained(folder), os.path.basename(os.path.normpath(folder)), stored_as)
+
+
+def _folder_config(folder: str) -> tuple[Family, ModelArgs, int | list[int] | None, type]:
+    """The folder's family, our args, the config's eos ids and the tokenizer class to load it with:
+    from our prepared copy's record where there is one, else through AutoConfig."""
+    resolved = Path(folder) / RESOLVED
+    if resolved.is_file():
+        from transformers import PreTrainedTokenizerFast
+
+        return *_read_resolved(resolved), PreTrainedTokenizerFast
+    from transformers import AutoConfig, AutoTokenizer
+
+    try:
+        hf_config = AutoConfig.from_pretrained(folder)
+    except (OSError, ValueError, json.JSONDecodeError) as e:
+        raise ModelLoadError(f"cannot read {folder}/config.json: {e}") from e
+    return *resolve(hf_config), getattr(hf_config, "eos_token_id", None), AutoTokenizer
+
+
+def _write_resolved(path: Path, family: Family, args: ModelArgs, eos: int | list[int] | None) -> None:
+    path.write_text(json.dumps({"family": family.name, "model_args": asdict(args), "eos_token_id": eos}) + "\n")
 
 
 def _read_resolved(path: Path) -> tuple[Family, ModelArgs, int | list[int] | None]:
@@ -235,8 +243,7 @@ def prepare_gguf(path: str, dtype: torch.dtype, folder: str | os.PathLike) -> No
     _gguf_tokenizer(path).save_pretrained(folder)
     save_file(weights, os.path.join(folder, "model.safetensors"))
     Path(folder, STORED_AS).write_text(json.dumps(stored_as) + "\n")
-    resolved = {"family": family.name, "model_args": asdict(args), "eos_token_id": hf_config.eos_token_id}
-    Path(folder, RESOLVED).write_text(json.dumps(resolved) + "\n")
+    _write_resolved(Path(folder, RESOLVED), family, args, hf_config.eos_token_id)
 
 
 def prepared_gguf(root: Path, path: str, dtype: torch.dtype) -> Path:
